@@ -1,0 +1,180 @@
+"""One config dataclass, one precedence rule.
+
+    CLI flags > environment variables > YAML file (--config) > memory-tuned plan > built-in defaults
+
+Every field is settable all four ways: env var = FIELD_NAME upper-cased, flag = --field-name,
+YAML key = field_name. Fields whose default is None are "auto": the planner fills them.
+`resolve` returns the Config plus where each value came from, which the run prints and records.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from finetune.errors import UserError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+SAMPLE_DATASET = "sample"  # the shipped dataset (data/sample/), see finetune/sample_data.py
+
+
+def _opt(help: str, *, choices: tuple[str, ...] | None = None, lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False, cli_only: bool = False) -> dict:
+    return {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "cli_only": cli_only}
+
+
+@dataclass
+class Config:
+    model: str = field(default=DEFAULT_MODEL, metadata=_opt("Hugging Face model id or local directory"))
+    dataset: str = field(default=SAMPLE_DATASET, metadata=_opt(
+        "JSONL/JSON/CSV/Parquet file, directory, or Hugging Face dataset id ('sample' = the shipped one)"))
+    method: str = field(default="sft", metadata=_opt("training method", choices=("sft",)))
+    backend: str = field(default="auto", metadata=_opt("auto, or a registered backend name (see `finetune doctor`)"))
+    output_dir: str | None = field(default=None, metadata=_opt("run directory (default outputs/<run-name>)"))
+    run_name: str | None = field(default=None, metadata=_opt("name of the run (default: time + model)"))
+    batch_size: int | None = field(default=None, metadata=_opt("per-device batch size (auto: planner)", lo=1))
+    grad_accum: int | None = field(default=None, metadata=_opt("gradient accumulation steps (auto: planner)", lo=1))
+    max_steps: int | None = field(default=None, metadata=_opt("optimizer steps; unset = EPOCHS over the data", lo=1))
+    epochs: float = field(default=1.0, metadata=_opt("passes over the training split", lo=0, lo_open=True))
+    learning_rate: float = field(default=2e-4, metadata=_opt("peak learning rate", lo=0, lo_open=True, hi=1))
+    max_seq_length: int = field(default=1024, metadata=_opt("tokens per row; longer rows are truncated", lo=16))
+    lora_r: int = field(default=16, metadata=_opt("LoRA rank", lo=1))
+    lora_alpha: float = field(default=32.0, metadata=_opt("LoRA alpha (scale = alpha / r)", lo=0, lo_open=True))
+    lora_dropout: float = field(default=0.05, metadata=_opt("LoRA dropout", lo=0, hi=0.9))
+    seed: int = field(default=42, metadata=_opt("random seed (data split, init, sampling)", lo=0))
+    gradient_checkpointing: str = field(default="auto", metadata=_opt(
+        "recompute activations to save memory", choices=("auto", "on", "off")))
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=("auto", "fp32", "bf16", "fp16")))
+    quantize: str = field(default="auto", metadata=_opt("4-bit base weights (QLoRA)", choices=("auto", "none", "4bit")))
+    val_split: float = field(default=0.1, metadata=_opt(
+        "share of rows held out when the dataset has no validation split", lo=0, lo_open=True, hi=0.5))
+    eval_rows: int = field(default=32, metadata=_opt("held-out rows scored for eval loss", lo=1))
+    eval_generations: int = field(default=8, metadata=_opt("held-out rows generated for the before/after metric", lo=0))
+    max_new_tokens: int = field(default=64, metadata=_opt("generation length in evaluation", lo=1))
+    logging_steps: int = field(default=5, metadata=_opt("log train loss every N steps", lo=1))
+    eval_steps: int | None = field(default=None, metadata=_opt("eval loss every N steps (auto: 5 times a run)", lo=1))
+    warmup_ratio: float = field(default=0.05, metadata=_opt("share of steps spent warming up the LR", lo=0, hi=0.5))
+    report_to: str = field(default="none", metadata=_opt("experiment tracker", choices=("none", "trackio")))
+    config: str | None = field(default=None, metadata=_opt("YAML file with any of these keys", cli_only=True))
+    dry_run: bool = field(default=False, metadata=_opt("print the plan and exit", cli_only=True))
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+AUTO = "auto"
+
+
+def env_name(name: str) -> str:
+    return name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(f) -> type:
+    # Annotations are strings under `from __future__ import annotations`: "int | None" -> int.
+    t = str(f.type).split("|")[0].strip()
+    return {"int": int, "float": float, "bool": bool, "str": str}[t]
+
+
+def parse_value(name: str, raw: Any, where: str) -> Any:
+    """Turn a raw value (string from env/CLI, anything from YAML) into the field's type, or raise
+    UserError naming `where` (e.g. "BATCH_SIZE", "--batch-size", "cfg.yaml: batch_size")."""
+    f = FIELDS[name]
+    meta, kind = f.metadata, _base_type(f)
+    optional = "None" in str(f.type)
+    if optional and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "auto", "none"))):
+        return None
+    try:
+        if kind is bool:
+            value = raw if isinstance(raw, bool) else {"1": True, "true": True, "yes": True, "on": True,
+                                                       "0": False, "false": False, "no": False, "off": False}[str(raw).strip().lower()]
+        elif kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(str(raw).strip())
+        elif kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(str(raw).strip())
+            if not math.isfinite(value):
+                raise ValueError
+        else:
+            value = str(raw).strip()
+    except (ValueError, KeyError):
+        expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[kind]
+        raise UserError(f"{where}={raw!r} is not valid: expected {expected}{_range_text(meta)}") from None
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{where}={raw!r} is not valid: choose one of {', '.join(meta['choices'])}")
+    lo, hi = meta["lo"], meta["hi"]
+    if (lo is not None and (value < lo or (meta["lo_open"] and value == lo))) or (hi is not None and value > hi):
+        raise UserError(f"{where}={raw!r} is not valid: expected {_range_text(meta).lstrip(', ')}")
+    return value
+
+
+def _range_text(meta: dict) -> str:
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is None and hi is None:
+        return ""
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta['lo_open'] else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"<= {hi:g}")
+    return ", " + " and ".join(parts)
+
+
+def read_yaml(path: str) -> dict:
+    import yaml  # local: keeps `finetune doctor` import-light
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+    for key in data:
+        if key not in FIELDS or FIELDS[key].metadata["cli_only"]:
+            raise UserError(f"{path}: unknown key '{key}'; allowed keys: {', '.join(settable_fields())}")
+    return data
+
+
+def settable_fields() -> list[str]:
+    return [n for n, f in FIELDS.items() if not f.metadata["cli_only"]]
+
+
+def resolve(cli: Mapping[str, Any], env: Mapping[str, str] | None = None,
+            known_backends: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """Merge the layers. `cli` maps field name -> raw value for flags the user gave (others absent).
+    Returns (config, sources) where sources[field] is "cli", "env", "yaml:<path>" or "default";
+    the planner later marks the auto fields it fills as "plan"."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {n: "default" for n in FIELDS}
+    yaml_path = cli.get("config")
+    if yaml_path:
+        for key, raw in read_yaml(yaml_path).items():
+            values[key] = parse_value(key, raw, f"{yaml_path}: {key}")
+            sources[key] = f"yaml:{yaml_path}"
+    for name in settable_fields():
+        raw = env.get(env_name(name))
+        if raw is not None and raw != "":
+            values[name] = parse_value(name, raw, env_name(name))
+            sources[name] = "env"
+    for name, raw in cli.items():
+        if raw is None:
+            continue
+        values[name] = raw if isinstance(raw, bool) else parse_value(name, raw, flag_name(name))
+        sources[name] = "cli"
+    cfg = Config(**values)
+    allowed = (AUTO, *known_backends)
+    if known_backends and cfg.backend not in allowed:
+        where = {"cli": "--backend", "env": "BACKEND"}.get(sources["backend"], f"{yaml_path}: backend")
+        raise UserError(f"{where}={cfg.backend!r} is not valid: choose one of {', '.join(allowed)}")
+    return cfg, sources

@@ -1,0 +1,234 @@
+"""What this machine is: pure data, json-able, detected without importing torch (doctor < 2 s)."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field, fields
+
+import psutil
+
+
+@dataclass
+class CudaDevice:
+    name: str
+    vram_gb: float
+    compute_capability: str  # "8.9"
+    bf16: bool               # Ampere (8.0) and newer
+
+
+@dataclass
+class Hardware:
+    os: str                  # "Linux", "Darwin", "Windows"
+    arch: str                # "x86_64", "arm64"
+    chip: str                # CPU brand, e.g. "Apple M2" or "Intel(R) Xeon(R) ..."
+    ram_total_gb: float
+    ram_available_gb: float
+    swap_total_gb: float
+    disk_free_gb: float
+    cpu_cores: int
+    cpu_features: list[str] = field(default_factory=list)  # subset of ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
+    cuda_devices: list[CudaDevice] = field(default_factory=list)
+    mps_available: bool = False
+    mlx_available: bool = False
+    mlx_device: str | None = None  # "gpu" on Apple Silicon, "cpu" for mlx[cpu] on Linux
+    packages: dict[str, str] = field(default_factory=dict)  # installed backend packages -> version
+
+    @property
+    def apple_silicon(self) -> bool:
+        return self.os == "Darwin" and self.arch == "arm64"
+
+    @property
+    def cpu_bf16(self) -> bool:
+        return "amx_bf16" in self.cpu_features or "avx512_bf16" in self.cpu_features
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Canonical order; these decide whether CPU bf16 training is worth it.
+CPU_FEATURES = ["avx2", "avx512f", "avx512_bf16", "amx_bf16"]
+
+# Distribution names as importlib.metadata knows them; only installed ones are reported.
+PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "huggingface_hub",
+            "bitsandbytes", "mlx", "mlx-lm", "unsloth", "trackio"]
+
+_GB = 1024 ** 3
+
+
+def _run(cmd: list[str], timeout: float = 2.0) -> str:
+    """stdout of a command, or "" if it is missing, fails or hangs (a wedged driver must not hang doctor)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _has_module(name: str) -> bool:
+    # find_spec, never import: importing torch alone costs seconds.
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def parse_cpu_flags(text: str) -> list[str]:
+    """Known features present in the first "flags" line of /proc/cpuinfo text."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            present = set(value.split())
+            return [f for f in CPU_FEATURES if f in present]
+    return []
+
+
+def parse_cpu_model(text: str) -> str:
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return ""
+
+
+def parse_nvidia_smi(text: str) -> list[CudaDevice]:
+    """Lines of `name, memory.total (MiB), compute_cap`; lines that don't parse are skipped."""
+    devices = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.rsplit(",", 2)]  # rsplit: GPU names may contain commas
+        if len(parts) != 3 or not parts[0]:
+            continue
+        name, mem, cap = parts
+        try:
+            cc = float(cap)
+        except ValueError:
+            continue
+        try:
+            vram = round(float(mem) / 1024, 1)
+        except ValueError:
+            vram = 0.0  # unified-memory parts (e.g. GB10) report "[N/A]"; still a usable GPU
+        devices.append(CudaDevice(name=name, vram_gb=vram, compute_capability=cap, bf16=cc >= 8.0))
+    return devices
+
+
+def _arch() -> str:
+    arch = platform.machine()
+    # Under Rosetta, Python reports x86_64 on an M-series Mac; the hardware is still arm64.
+    if platform.system() == "Darwin" and arch == "x86_64" and _run(["sysctl", "-n", "hw.optional.arm64"]).strip() == "1":
+        return "arm64"
+    return {"aarch64": "arm64", "AMD64": "x86_64"}.get(arch, arch)
+
+
+def _chip(os_name: str) -> str:
+    chip = ""
+    if os_name == "Darwin":
+        chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+    elif os_name == "Linux":
+        chip = parse_cpu_model(_read("/proc/cpuinfo"))
+    return chip or platform.processor() or platform.machine() or "unknown"
+
+
+def _mac_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in platform.mac_ver()[0].split(".") if p)
+    except ValueError:
+        return ()
+
+
+def _mlx(os_name: str, arch: str) -> tuple[bool, str | None]:
+    if not _has_module("mlx"):
+        return False, None
+    if os_name == "Darwin":
+        return (True, "gpu") if arch == "arm64" else (False, None)
+    if os_name == "Linux":
+        # Plain `mlx` on Linux ships without libmlx.so; the backend wheels carry it.
+        if any(_installed(d) for d in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda", "mlx_cuda")):
+            return True, "gpu"
+        if any(_installed(d) for d in ("mlx-cpu", "mlx_cpu")):
+            return True, "cpu"
+    return False, None
+
+
+def detect() -> Hardware:
+    """Describe this machine. Never imports torch/mlx/transformers: doctor must answer in < 2 s."""
+    os_name = platform.system()
+    arch = _arch()
+    vm, swap = psutil.virtual_memory(), psutil.swap_memory()
+    try:
+        disk_free = shutil.disk_usage(os.getcwd()).free
+    except OSError:
+        disk_free = 0
+    features = parse_cpu_flags(_read("/proc/cpuinfo")) if os_name == "Linux" else []
+    cuda = []
+    if shutil.which("nvidia-smi"):
+        cuda = parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
+                                      "--format=csv,noheader,nounits"], timeout=1.5))
+    # MPS needs Apple silicon, a torch build and macOS 12.3+.
+    mps = os_name == "Darwin" and arch == "arm64" and _has_module("torch") and _mac_version() >= (12, 3)
+    mlx_ok, mlx_device = _mlx(os_name, arch)
+    packages = {name: v for name in PACKAGES if (v := _installed(name))}
+    return Hardware(
+        os=os_name, arch=arch, chip=_chip(os_name),
+        ram_total_gb=round(vm.total / _GB, 1), ram_available_gb=round(vm.available / _GB, 1),
+        swap_total_gb=round(swap.total / _GB, 1), disk_free_gb=round(disk_free / _GB, 1),
+        cpu_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        cpu_features=features, cuda_devices=cuda, mps_available=mps,
+        mlx_available=mlx_ok, mlx_device=mlx_device, packages=packages,
+    )
+
+
+def _bf16_matmul(hw: Hardware) -> str:
+    if "amx_bf16" in hw.cpu_features:
+        return "yes (AMX)"
+    if "avx512_bf16" in hw.cpu_features:
+        return "yes (AVX-512-bf16)"
+    return "no"
+
+
+def summary_lines(hw: Hardware) -> list[str]:
+    """Human-readable description for `finetune doctor`."""
+    lines = [
+        f"OS: {hw.os} {hw.arch}, chip: {hw.chip}",
+        f"RAM: {hw.ram_total_gb:.1f} GB total, {hw.ram_available_gb:.1f} GB available, swap {hw.swap_total_gb:.1f} GB",
+        f"Disk free (cwd): {hw.disk_free_gb:.1f} GB",
+        f"CPU: {hw.cpu_cores} cores, features: {', '.join(hw.cpu_features) or 'none'}; bf16 matmul: {_bf16_matmul(hw)}",
+    ]
+    if hw.cuda_devices:
+        for i, d in enumerate(hw.cuda_devices):
+            vram = f"{d.vram_gb:.1f} GB" if d.vram_gb else "shared memory"
+            lines.append(f"CUDA {i}: {d.name}, {vram}, compute {d.compute_capability}, bf16: {'yes' if d.bf16 else 'no'}")
+    else:
+        lines.append("CUDA: none")
+    lines.append(f"MPS: {'available' if hw.mps_available else 'not available'}")
+    lines.append(f"MLX: available ({hw.mlx_device})" if hw.mlx_available else "MLX: not available")
+    pkgs = ", ".join(f"{k} {v}" for k, v in hw.packages.items())
+    lines.append(f"Packages: {pkgs or 'none'}")
+    return lines
+
+
+def from_dict(d: dict) -> Hardware:
+    """Inverse of Hardware.to_dict(), e.g. reading run.json; unknown keys are dropped so old/new files still load."""
+    known = {f.name for f in fields(Hardware)}
+    data = {k: v for k, v in d.items() if k in known}
+    data["cuda_devices"] = [CudaDevice(**c) if isinstance(c, dict) else c for c in data.get("cuda_devices", [])]
+    data["cpu_features"] = list(data.get("cpu_features", []))
+    data["packages"] = dict(data.get("packages", {}))
+    return Hardware(**data)

@@ -1,0 +1,124 @@
+"""Model resolution: a name -> a local directory + the sizes the planner needs (from config.json only)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from finetune.errors import UserError
+
+
+@dataclass
+class ModelInfo:
+    name: str                # what the user asked for (or the tiny model's name)
+    path: str | None         # local directory holding config.json (None until weights are needed)
+    architecture: str        # e.g. "Qwen2ForCausalLM"
+    model_type: str          # e.g. "qwen2"
+    num_params: int          # total parameters, computed from config.json
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    is_tiny: bool = False    # the offline fallback model the project builds itself
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def info_from_config(name: str, path: str | None, cfg: dict, is_tiny: bool = False) -> ModelInfo:
+    """Sizes from a Hugging Face config.json dict, without loading weights.
+
+    Parameter count for decoder-only transformers with gated MLPs (Llama, Qwen2, Mistral, Gemma...):
+    per layer q/o (h*h each), k/v (h*kv_dim each), gate/up/down (3*h*I), two norms; plus embeddings
+    and an untied lm_head. Biases are ignored (<0.1%)."""
+    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model
+    h = int(text["hidden_size"])
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    vocab = int(text["vocab_size"])
+    tied = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    head_dim = int(text.get("head_dim") or h // heads)
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * inter + 2 * h
+    params = layers * per_layer + vocab * h * (1 if tied else 2) + h
+    archs = cfg.get("architectures") or ["unknown"]
+    return ModelInfo(name=name, path=path, architecture=archs[0], model_type=str(cfg.get("model_type", "unknown")),
+                     num_params=params, num_layers=layers, hidden_size=h, intermediate_size=inter,
+                     num_heads=heads, num_kv_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
+                     is_tiny=is_tiny)
+
+
+METADATA_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja",
+                  "vocab.json", "merges.txt", "*.model", "chat_template.json"]
+WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
+
+
+def _read_config(path: str) -> dict:
+    import json
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _download(name: str, patterns: list[str]) -> str:
+    """Snapshot from the local cache first (works offline), then from the Hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # cache miss: any of several hub error types
+        return snapshot_download(name, allow_patterns=patterns)
+
+
+def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
+    """ModelInfo with a local path holding config + tokenizer (weights come later, see `fetch_weights`).
+    Returns (info, banner): banner is set when the default model could not be fetched and the tiny
+    offline model stands in; a model the user named that cannot be fetched is an error instead."""
+    from finetune import tiny
+
+    if name == tiny.TINY_MODEL_NAME:
+        path = tiny.ensure()
+        return info_from_config(name, path, _read_config(path), is_tiny=True), None
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"MODEL={name}: directory has no config.json (expected a Hugging Face model folder)")
+        return info_from_config(name, name, _read_config(name)), None
+    try:
+        path = _download(name, METADATA_FILES)
+        return info_from_config(name, path, _read_config(path)), None
+    except Exception as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        if user_named_it:
+            raise UserError(f"MODEL={name}: could not be loaded from a local folder, the Hugging Face cache or the Hub "
+                            f"({reason}); check the name, your network, or pass a local model directory") from None
+    path = tiny.ensure()
+    banner = (f"The default model {name} could not be fetched ({reason}).\n"
+              f"Using the offline tiny model {tiny.TINY_MODEL_NAME} instead: it proves the pipeline works,\n"
+              "it is NOT a useful language model. Set MODEL=<id or folder> for real results.")
+    return info_from_config(tiny.TINY_MODEL_NAME, path, _read_config(path), is_tiny=True), banner
+
+
+def fetch_weights(info: ModelInfo) -> None:
+    """Make sure the weights sit next to config.json (a no-op for local folders and the tiny model)."""
+    if info.is_tiny or os.path.isdir(info.name):
+        return
+    try:
+        info.path = _download(info.name, METADATA_FILES + WEIGHT_FILES)
+    except Exception as err:
+        raise UserError(f"MODEL={info.name}: weights could not be downloaded ({str(err).splitlines()[0][:160]})") from None
+
+
+def load_tokenizer(info: ModelInfo):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(info.path)
+    if tok.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,316 @@
+"""Memory-tuned defaults: batch size, grad accumulation, checkpointing, dtype and 4-bit, chosen from
+this machine's memory and the model's sizes, with one line of "why" per decision.
+
+Pure arithmetic over dataclasses: no torch import, so `finetune train --dry-run` stays instant.
+Sizes are GB of 2**30 bytes, the unit hardware.py reports (a "24 GB" RTX 4090 is 24 GiB).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from finetune.config import Config
+from finetune.errors import UserError
+from finetune.hardware import Hardware
+from finetune.models import ModelInfo
+
+GB = 2**30
+
+# ---- Constants, in one place. Rough by design; run.json records the measured peak and speed. ----
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BYTES = 0.5625      # bitsandbytes NF4: 4 bits/weight + one fp32 absmax per 64-weight block
+LORA_BYTES = 4          # PEFT keeps adapter weights in fp32
+ADAM_BYTES = 12         # per trainable param: fp32 grad + AdamW exp_avg + exp_avg_sq
+LOGIT_BYTES = 4 * 2     # fp32 logits (the loss upcasts) + their gradient
+# Saved activations per token per layer without checkpointing, in elements of the compute dtype:
+# norms/residuals/q/o/attn-out ~8h, MLP gate/up/act/product ~4I, k and v 2*kv_dim.
+ACT_H, ACT_I, ACT_KV = 8, 4, 2
+# Fixed runtime overhead: python + torch CPU libs, the CUDA context, the Metal/MLX runtime.
+OVERHEAD_GB = {"cpu": 1.0, "cuda": 0.8, "mps": 0.6, "mlx": 0.3}
+
+# Budgets: the share of memory a plan may use.
+APPLE_SHARE, APPLE_OS_RESERVE_GB = 0.70, 3.0  # macOS caps GPU-wired memory at ~75% of RAM by default,
+#                                               and the OS + apps need ~3 GB on an 8 GB Mac
+CUDA_SHARE = 0.90                              # allocator fragmentation + cuBLAS workspaces
+CPU_TOTAL_SHARE, CPU_AVAILABLE_SHARE = 0.75, 0.90
+
+KIND_LABEL = {"unified": "unified memory", "vram": "VRAM", "ram": "RAM"}
+TARGET_EFFECTIVE_BATCH = 16
+BATCH_CANDIDATES = (1, 2, 4, 8, 16)
+
+# Peak 16-bit dense FLOP/s (tensor cores). Matched on the device name; order matters only for clarity.
+CUDA_PEAK = ((r"H100", 400e12), (r"A100", 312e12), (r"\bL4\b", 121e12), (r"A10G", 125e12),
+             (r"4090", 165e12), (r"\bT4\b", 65e12))
+CUDA_PEAK_FALLBACK = 50e12
+CUDA_FP32_FACTOR = 0.25       # fp32 skips the tensor cores (unless TF32 is on)
+APPLE_PEAK = 10e12            # an M-series Max GPU; scaled by tier below
+APPLE_TIER = (("Ultra", 2.0), ("Max", 1.0), ("Pro", 0.5))
+APPLE_TIER_BASE = 0.3
+CPU_PEAK_PER_CORE = {"amx": 1.0e12, "avx512_bf16": 0.2e12, "fp32": 0.14e12}  # avx512_bf16: measured, 2-core VM
+EFFICIENCY_GPU, EFFICIENCY_CPU = 0.35, 0.25
+
+
+@dataclass
+class Plan:
+    backend: str
+    device: str
+    method: str
+    batch_size: int
+    grad_accum: int
+    max_seq_length: int
+    max_steps: int
+    eval_steps: int
+    gradient_checkpointing: bool
+    dtype: str
+    quantize: str
+    memory_kind: str
+    memory_total_gb: float
+    budget_gb: float
+    predicted_peak_gb: float
+    breakdown_gb: dict[str, float] = field(default_factory=dict)
+    est_seconds: float = 0.0
+    est_tokens_per_s: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        # Rounded for run.json / printing; the planner compares the unrounded values.
+        def rnd(v):
+            if isinstance(v, float):
+                return round(v, 3)
+            if isinstance(v, dict):
+                return {k: rnd(x) for k, x in v.items()}
+            return v
+        return {k: rnd(v) for k, v in asdict(self).items()}
+
+
+def _linear_params(model: ModelInfo) -> int:
+    h, i, kv = model.hidden_size, model.intermediate_size, model.num_kv_heads * model.head_dim
+    return model.num_layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+
+
+def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dtype: str, quantize: str,
+                    lora_r: int, device: str) -> dict[str, float]:
+    """Predicted training peak in GB per component, plus "total"."""
+    h, inter, layers = model.hidden_size, model.intermediate_size, model.num_layers
+    kv = model.num_kv_heads * model.head_dim
+    nbytes = DTYPE_BYTES[dtype]
+    linear = _linear_params(model)
+    rest = max(0, model.num_params - linear)  # embeddings, lm_head, norms: never quantized
+    if quantize == "4bit":
+        weights = linear * NF4_BYTES + rest * nbytes
+    else:
+        weights = model.num_params * nbytes
+    # LoRA on q,k,v,o,gate,up,down: r*(in+out) each.
+    lora_params = layers * lora_r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+    tokens = batch * seq
+    one_layer = tokens * (ACT_H * h + ACT_I * inter + ACT_KV * kv) * nbytes
+    if device == "mps":  # MPS runs the math attention path: the heads*seq*seq scores are kept for backward
+        one_layer += batch * model.num_heads * seq * seq * nbytes
+    if grad_ckpt:  # keep each layer's input; recompute one layer at a time in backward
+        activations = layers * tokens * h * nbytes + one_layer
+    else:
+        activations = layers * one_layer
+    parts = {
+        "weights": weights / GB,
+        "lora": lora_params * LORA_BYTES / GB,
+        "optimizer": lora_params * ADAM_BYTES / GB,
+        "activations": activations / GB,
+        "logits": tokens * model.vocab_size * LOGIT_BYTES / GB,
+        "overhead": OVERHEAD_GB.get(device, OVERHEAD_GB["cpu"]),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _unified(hw: Hardware, device: str) -> bool:
+    return device == "mps" or (device == "mlx" and hw.apple_silicon)
+
+
+def memory_budget(hw: Hardware, device: str) -> tuple[str, float, float]:
+    """(memory_kind, total_gb, budget_gb)."""
+    if _unified(hw, device):
+        total = hw.ram_total_gb
+        return "unified", total, max(0.0, min(total * APPLE_SHARE, total - APPLE_OS_RESERVE_GB))
+    if device == "cuda":
+        total = hw.cuda_devices[0].vram_gb if hw.cuda_devices else 0.0
+        return "vram", total, total * CUDA_SHARE
+    # CPU, and mlx[cpu] on Linux: what is free now matters, other programs hold the rest.
+    total = hw.ram_total_gb
+    budget = total * CPU_TOTAL_SHARE
+    if hw.ram_available_gb > 0:
+        budget = min(budget, hw.ram_available_gb * CPU_AVAILABLE_SHARE)
+    return "ram", total, budget
+
+
+def pick_dtype(hw: Hardware, device: str, cfg_dtype: str) -> tuple[str, str]:
+    """(dtype, reason)."""
+    if cfg_dtype != "auto":
+        return cfg_dtype, f"dtype {cfg_dtype}: set by you"
+    if device == "cuda":
+        gpu = hw.cuda_devices[0] if hw.cuda_devices else None
+        if gpu and gpu.bf16:
+            return "bf16", f"dtype bf16: {gpu.name} supports bf16 (compute capability {gpu.compute_capability})"
+        name = gpu.name if gpu else "this GPU"
+        return "fp16", f"dtype fp16: {name} has no bf16 (compute capability < 8.0)"
+    if device == "mps":
+        if "M1" in hw.chip:
+            return "fp32", f"dtype fp32: {hw.chip} has no native bf16 on the GPU"
+        return "bf16", f"dtype bf16: {hw.chip} GPU supports bf16"
+    if device == "mlx":
+        return "bf16", "dtype bf16: MLX trains in bf16"
+    if hw.cpu_bf16:
+        return "bf16", "dtype bf16: the CPU has bf16 instructions (AMX or AVX-512-BF16)"
+    return "fp32", "dtype fp32: the CPU has no bf16 instructions, so bf16 would be emulated (slow)"
+
+
+def _peak_flops(hw: Hardware, device: str, dtype: str) -> tuple[float, float]:
+    """(peak FLOP/s, efficiency)."""
+    if device == "cuda":
+        name = hw.cuda_devices[0].name if hw.cuda_devices else ""
+        peak = next((p for pat, p in CUDA_PEAK if re.search(pat, name)), CUDA_PEAK_FALLBACK)
+        return peak * (CUDA_FP32_FACTOR if dtype == "fp32" else 1.0), EFFICIENCY_GPU
+    if _unified(hw, device):
+        tier = next((t for word, t in APPLE_TIER if word in hw.chip), APPLE_TIER_BASE)
+        return APPLE_PEAK * tier, EFFICIENCY_GPU
+    if dtype == "bf16" and "amx_bf16" in hw.cpu_features:
+        per_core = CPU_PEAK_PER_CORE["amx"]
+    elif dtype == "bf16" and hw.cpu_bf16:
+        per_core = CPU_PEAK_PER_CORE["avx512_bf16"]
+    else:
+        per_core = CPU_PEAK_PER_CORE["fp32"]
+    return max(1, hw.cpu_cores) * per_core, EFFICIENCY_CPU
+
+
+def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str, total: float,
+            dtype: str, quant: str, ckpt: bool) -> UserError:
+    fixed = [n for n, v in (("DTYPE", cfg.dtype), ("QUANTIZE", cfg.quantize),
+                            ("GRADIENT_CHECKPOINTING", cfg.gradient_checkpointing)) if v != "auto"]
+    also = f", or set {'/'.join(fixed)} back to auto" if fixed else ""
+    setup = f"{dtype}{', 4-bit' if quant == '4bit' else ''}, checkpointing {'on' if ckpt else 'off'}"
+    return UserError(
+        f"{model.name} does not fit: predicted {peak:.1f} GB at batch 1 (MAX_SEQ_LENGTH={cfg.max_seq_length}, "
+        f"{setup}) vs a budget of {budget:.1f} GB of {total:.0f} GB {KIND_LABEL[kind]}; lower MAX_SEQ_LENGTH, "
+        f"pick a smaller MODEL, or use a machine with more memory{also}")
+
+
+def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
+         n_train_rows: int, mean_tokens: float) -> Plan:
+    """Fill the auto fields of `cfg` for this machine; user-set values are kept as given."""
+    seq = cfg.max_seq_length
+    dtype, why = pick_dtype(hw, device, cfg.dtype)
+    reasons = [why]
+    kind, total, budget = memory_budget(hw, device)
+    reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}")
+
+    def peak(batch: int, ckpt: bool, quant: str) -> float:
+        return estimate_memory(model, batch, seq, ckpt, dtype, quant, cfg.lora_r, device)["total"]
+
+    ckpt_fixed = {"on": True, "off": False}.get(cfg.gradient_checkpointing)
+    lean_ckpt = True if ckpt_fixed is None else ckpt_fixed  # the smallest-memory setting allowed
+    smallest = cfg.batch_size or 1
+
+    # Quantize: 4-bit costs speed and some quality, so only when 16-bit cannot fit at all.
+    if cfg.quantize != "auto":
+        quant = cfg.quantize
+        reasons.append(f"quantize {quant}: set by you")
+        if quant == "4bit" and device != "cuda":
+            reasons.append(f"warning: 4-bit (bitsandbytes) needs CUDA; device {device} may reject it")
+    elif device == "cuda" and peak(smallest, lean_ckpt, "none") > budget:
+        quant = "4bit"
+        reasons.append(f"quantize 4bit: {dtype} weights need {peak(smallest, lean_ckpt, 'none'):.1f} GB at "
+                       f"batch {smallest}, over the {budget:.1f} GB budget")
+    else:
+        quant = "none"
+        reasons.append("quantize none: " + (f"{dtype} weights fit" if device == "cuda" else
+                                            f"4-bit is CUDA-only (bitsandbytes); device is {device}"))
+
+    # Batch: largest candidate that fits in the leanest setting. Checkpointing never adds memory,
+    # so more memory can only grow the batch (monotonic by construction).
+    if cfg.batch_size:
+        batch = cfg.batch_size
+        reasons.append(f"batch size {batch}: set by you")
+    else:
+        cap = max(1, min(TARGET_EFFECTIVE_BATCH, n_train_rows))
+        fitting = [b for b in BATCH_CANDIDATES if b <= cap and peak(b, lean_ckpt, quant) <= budget]
+        if not fitting:
+            raise _no_fit(cfg, model, peak(1, lean_ckpt, quant), budget, kind, total, dtype, quant, lean_ckpt)
+        batch = fitting[-1]
+        bigger = [b for b in BATCH_CANDIDATES if b > batch]
+        limit = ("the target" if not bigger else "the training rows" if bigger[0] > cap else "memory")
+        reasons.append(f"batch size {batch}: largest of {'/'.join(map(str, BATCH_CANDIDATES))} "
+                       f"that fits ({peak(batch, lean_ckpt, quant):.1f} GB), limited by {limit}")
+
+    # Checkpointing only when needed: it recomputes the forward pass (~+33% time).
+    if ckpt_fixed is not None:
+        ckpt = ckpt_fixed
+        reasons.append(f"gradient checkpointing {cfg.gradient_checkpointing}: set by you")
+    elif peak(batch, False, quant) <= budget:
+        ckpt = False
+        reasons.append(f"gradient checkpointing off: batch {batch} fits without it "
+                       f"({peak(batch, False, quant):.1f} GB)")
+    else:
+        ckpt = True
+        reasons.append(f"gradient checkpointing on: without it batch {batch} needs "
+                       f"{peak(batch, False, quant):.1f} GB")
+
+    grad_accum = cfg.grad_accum or max(1, TARGET_EFFECTIVE_BATCH // batch)
+    reasons.append(f"grad accumulation {grad_accum}: " + ("set by you" if cfg.grad_accum else
+                   f"effective batch {batch * grad_accum} (target {TARGET_EFFECTIVE_BATCH})"))
+
+    breakdown = estimate_memory(model, batch, seq, ckpt, dtype, quant, cfg.lora_r, device)
+    predicted = breakdown.pop("total")
+    if predicted > budget:  # only reachable when the user fixed something; their call, so warn
+        reasons.append(f"warning: predicted {predicted:.1f} GB exceeds budget {budget:.1f} GB; "
+                       f"expect swapping or out-of-memory")
+
+    if cfg.max_steps:
+        max_steps = cfg.max_steps
+        reasons.append(f"max steps {max_steps}: set by you")
+    else:
+        max_steps = max(1, math.ceil(cfg.epochs * n_train_rows / (batch * grad_accum)))
+        reasons.append(f"max steps {max_steps}: {cfg.epochs:g} epoch(s) x {n_train_rows} rows "
+                       f"/ {batch * grad_accum} per step")
+    eval_steps = cfg.eval_steps or max(1, max_steps // 5)
+
+    # Time: LoRA training ~ 4*N FLOPs/token (forward 2N + activation grads 2N), +2N to recompute.
+    row_tokens = min(mean_tokens, seq) if mean_tokens > 0 else seq  # unknown length: assume full rows
+    tokens = max_steps * batch * grad_accum * row_tokens
+    peak_flops, eff = _peak_flops(hw, device, dtype)
+    tokens_per_s = peak_flops * eff / ((6 if ckpt else 4) * model.num_params)
+    reasons.append(f"speed: assumes {peak_flops / 1e12:.1f} TFLOP/s peak x {eff:.0%} efficiency "
+                   f"(rough table; run.json records the measured tokens/s)")
+
+    return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
+                max_seq_length=seq, max_steps=max_steps, eval_steps=eval_steps, gradient_checkpointing=ckpt,
+                dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
+                predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=tokens / tokens_per_s,
+                est_tokens_per_s=tokens_per_s, reasons=reasons)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The table `finetune train --dry-run` prints."""
+    parts = " + ".join(f"{k} {v:.2f}" for k, v in plan.breakdown_gb.items())
+    rows = [
+        ("backend / device", f"{plan.backend} / {plan.device}"),
+        ("method", plan.method),
+        ("batch x grad accum", f"{plan.batch_size} x {plan.grad_accum} = "
+                               f"{plan.batch_size * plan.grad_accum} effective"),
+        ("max seq length", str(plan.max_seq_length)),
+        ("steps", f"{plan.max_steps} (eval every {plan.eval_steps})"),
+        ("grad checkpointing", "on" if plan.gradient_checkpointing else "off"),
+        ("dtype", plan.dtype),
+        ("quantize", plan.quantize),
+        ("memory", f"{plan.memory_kind} {plan.memory_total_gb:.1f} GB, budget {plan.budget_gb:.1f} GB"),
+        ("predicted peak", f"{plan.predicted_peak_gb:.2f} GB = {parts}"),
+        ("time estimate", f"{_hms(plan.est_seconds)} (~{plan.est_tokens_per_s:,.0f} tokens/s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["Plan"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["Why"]
+    lines += [f"  - {r}" for r in plan.reasons]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Progress display shared by every backend: one line with step, loss, tokens/s, ETA and memory.
+
+Backends call `Progress.__call__` with plain dict events ({"event": "step"|"log", "step", "tokens",
+"loss", "eval_loss", "memory_gb", ...}); "log" events are also appended to metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total_steps: int, metrics_path: str | None, stream=None):
+        self.total = total_steps
+        self.metrics_path = metrics_path
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self.last_loss: float | None = None
+        self.last_line = 0.0
+        self.records: list[dict] = []
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, event: dict) -> None:
+        elapsed = time.perf_counter() - self.start
+        if event.get("event") == "log":
+            record = {k: v for k, v in event.items() if k != "event"}
+            record["elapsed_s"] = round(elapsed, 3)
+            self.records.append(record)
+            if self.metrics_path:
+                with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            self.last_loss = record.get("loss", self.last_loss)
+            if "eval_loss" in record:
+                self._print(f"  eval @ step {record['step']}: eval_loss {record['eval_loss']:.4f}", final=True)
+            return
+        step = event.get("step", 0)
+        done = step >= self.total
+        # Non-TTY output (CI logs, training_log.txt) gets a line every 10% instead of a redraw per step.
+        if not self.tty and not done and step % max(1, self.total // 10):
+            return
+        tok_s = event.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        width = 24
+        bar = "#" * int(width * step / max(self.total, 1))
+        loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
+        mem = f"{event['memory_gb']:.2f} GB" if event.get("memory_gb") is not None else "-"
+        self._print(f"  [{bar:<{width}}] step {step}/{self.total} | loss {loss} | {tok_s:,.0f} tok/s | "
+                    f"ETA {hms(eta)} | mem {mem}", final=done or not self.tty)
+
+    def _print(self, line: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-click entry point.
+#   ./run.sh                 fine-tune with defaults (env vars override: BATCH_SIZE=1 MAX_STEPS=50 ./run.sh)
+#   ./run.sh test [args]     run the test suite (pytest args pass through)
+#   ./run.sh <cmd> [args]    any `finetune` command: doctor, train --dry-run, ...
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+VENV="${VENV:-.venv}"
+
+# (Re)create the environment only when it is missing or what it was built from changed.
+stamp_now() { cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1; }
+if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.finetune-stamp" || "$(cat "$VENV/.finetune-stamp")" != "$(stamp_now)" ]]; then
+  ./setup_environment.sh
+fi
+
+export HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [[ "${1:-}" == "test" ]]; then
+  shift
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+exec "$VENV/bin/python" -m finetune "$@"

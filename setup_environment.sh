@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Creates or updates .venv with the right packages for this machine. Safe to re-run.
+#   macOS arm64 (Apple Silicon)  -> torch (MPS) + mlx + mlx-lm
+#   Linux with an NVIDIA GPU     -> CUDA torch + bitsandbytes
+#   anything else                -> CPU torch (Linux x86_64: torch==2.13.0, the CPU build this
+#                                   project is tested with; a newer range would pull a multi-GB CUDA build)
+# Overrides: PYTHON=python3.12 (interpreter), VENV=.venv (location), TORCH_SPEC="torch==2.x" (torch pin).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+VENV="${VENV:-.venv}"
+
+die() { echo "setup_environment.sh: error: $*" >&2; exit 1; }
+step() { echo "==> $*"; }
+
+# ---- Python >= 3.10 (first interpreter that really runs and is new enough; pyenv shims may not run)
+ok_python() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' >/dev/null 2>&1; }
+PY="${PYTHON:-}"
+if [[ -n "$PY" ]]; then
+  ok_python "$PY" || die "PYTHON=$PY is missing or older than 3.10; finetune needs Python 3.10 or newer"
+else
+  for cand in python3 python3.12 python3.11 python3.10; do
+    if ok_python "$cand"; then PY="$cand"; break; fi
+  done
+  [[ -n "$PY" ]] || die "no Python 3.10 or newer found ($(python3 -V 2>&1 || echo 'no python3')); install one or set PYTHON=/path/to/python3.11"
+fi
+
+# ---- What machine is this?
+OS="$(uname -s)"; ARCH="$(uname -m)"
+NVIDIA=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then NVIDIA=1; fi
+if [[ "$OS" == "Darwin" && "$ARCH" == "arm64" ]]; then
+  PROFILE="apple-silicon"; TORCH="${TORCH_SPEC:-torch>=2.5}"; EXTRA=("mlx>=0.30" "mlx-lm>=0.30")
+elif [[ "$OS" == "Linux" && "$NVIDIA" == 1 ]]; then
+  PROFILE="linux-cuda"; TORCH="${TORCH_SPEC:-torch>=2.5}"; EXTRA=("bitsandbytes>=0.45")
+elif [[ "$OS" == "Linux" && "$ARCH" == "x86_64" ]]; then
+  PROFILE="linux-cpu"; TORCH="${TORCH_SPEC:-torch==2.13.0}"; EXTRA=()
+else
+  PROFILE="cpu"; TORCH="${TORCH_SPEC:-torch}"; EXTRA=()
+fi
+step "machine: $OS $ARCH, NVIDIA GPU: $([[ $NVIDIA == 1 ]] && echo yes || echo no) -> profile $PROFILE"
+
+# ---- venv (recreated only if missing or broken)
+if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  step "existing $VENV is broken; recreating it"; rm -rf "$VENV"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  step "creating $VENV with $("$PY" -V 2>&1)"
+  "$PY" -m venv "$VENV" || die "could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+
+# torch first and alone: a later package asking for a torch range then finds it satisfied.
+step "installing $TORCH"
+"${PIP[@]}" "$TORCH" || die "installing '$TORCH' failed (see pip's message above); set TORCH_SPEC to another torch requirement to override"
+if (( ${#EXTRA[@]} )); then
+  step "installing ${EXTRA[*]}"
+  "${PIP[@]}" "${EXTRA[@]}" || die "installing ${EXTRA[*]} failed (see pip's message above)"
+fi
+step "installing requirements.txt"
+"${PIP[@]}" -r requirements.txt || die "installing requirements.txt failed (see pip's message above)"
+"${PIP[@]}" --no-deps -e . >/dev/null || die "installing the finetune package (pip install -e .) failed"
+
+# run.sh compares this stamp to decide whether setup must run again.
+cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1 > "$VENV/.finetune-stamp"
+step "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,124 @@
+"""Data: each SFT shape loads; the loss mask covers exactly the assistant tokens plus end-of-turn/EOS."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune import data
+from finetune.errors import UserError
+from finetune.template import IGNORE, encode, encode_all, generation_prompt
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a city"},
+        {"role": "assistant", "content": "Lisbon"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def trained_text(enc, tok) -> str:
+    return tok.decode([t for t in enc.labels if t != IGNORE])
+
+
+@pytest.mark.parametrize("row,shape", [
+    ({"text": "plain words"}, "text"),
+    ({"messages": CHAT}, "messages"),
+    ({"prompt": "Q: 2+2?", "completion": " 4"}, "prompt_completion"),
+    ({"prompt": CHAT[:2], "completion": [CHAT[2]]}, "conversational_prompt_completion"),
+])
+def test_each_shape_loads(tmp_path, row, shape):
+    path = write_jsonl(tmp_path / "d.jsonl", [row] * 10)
+    splits = data.load(path, val_split=0.2, seed=0)
+    assert splits.shape == shape
+    assert (len(splits.train), len(splits.validation)) == (8, 2)
+    assert splits.validation_source.startswith("carved 2 rows")
+
+
+def test_other_file_formats(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"prompt": "a", "completion": "b"}] * 4))
+    (tmp_path / "d.csv").write_text("prompt,completion\nhello,world\nfoo,bar\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "x y"}] * 3), tmp_path / "d.parquet")
+    assert data.load(str(tmp_path / "d.json"), 0.25, 0).shape == "prompt_completion"
+    assert data.load(str(tmp_path / "d.csv"), 0.5, 0).train[0].prompt in ("hello", "foo")
+    assert data.load(str(tmp_path / "d.parquet"), 0.3, 0).shape == "text"
+
+
+def test_sample_uses_its_validation_file():
+    splits = data.load("sample", 0.1, 0)
+    assert (len(splits.train), len(splits.validation), splits.validation_source) == (1000, 200, "file")
+
+
+def test_messages_mask_is_exactly_assistant_turns_plus_end_of_turn(tokenizer):
+    ex = data.to_example({"messages": CHAT}, "x:1")
+    enc = encode(ex, tokenizer, 1024)
+    assert trained_text(enc, tokenizer) == "Hello!<|im_end|>Lisbon<|im_end|>"
+    # everything else (system, user turns, role headers, the newline after <|im_end|>) is masked
+    full = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert tokenizer.decode(enc.input_ids) == full
+    assert enc.labels[-1] == IGNORE and enc.input_ids[-1] != tokenizer.eos_token_id  # trailing "\n"
+    assert enc.n_trained == len(tokenizer("Hello!Lisbon")["input_ids"]) + 2
+
+
+def test_conversational_prompt_completion_trains_only_completion(tokenizer):
+    ex = data.to_example({"prompt": CHAT[:4], "completion": [CHAT[4]]}, "x:1")
+    assert trained_text(encode(ex, tokenizer, 1024), tokenizer) == "Lisbon<|im_end|>"
+
+
+def test_prompt_completion_trains_completion_and_eos(tokenizer):
+    ex = data.to_example({"prompt": "Capital of France?", "completion": " Paris"}, "x:1")
+    enc = encode(ex, tokenizer, 1024)
+    assert trained_text(enc, tokenizer) == " Paris<|im_end|>"
+    assert enc.labels[-1] == tokenizer.eos_token_id
+
+
+def test_text_trains_everything_plus_eos(tokenizer):
+    enc = encode(data.to_example({"text": "just text"}, "x:1"), tokenizer, 1024)
+    assert enc.labels == enc.input_ids and enc.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_drops_rows_with_nothing_left_to_train(tokenizer):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    rows = [data.to_example(long_prompt, "x:1"), data.to_example({"messages": CHAT}, "x:2")]
+    kept, warnings = encode_all(rows, tokenizer, 64)
+    assert len(kept) == 1 and all(len(r.input_ids) <= 64 for r in kept)
+    assert any("dropped" in w for w in warnings) and any("truncated" in w for w in warnings)
+
+
+def test_generation_prompt_ends_where_the_answer_starts(tokenizer):
+    ids, expected = generation_prompt(data.to_example({"messages": CHAT}, "x:1"), tokenizer)
+    assert expected == "Lisbon"
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+     "d.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "d.jsonl:1: messages[0].role 'bot' is not one of"),
+    ('{"instruction": "a", "output": "b"}\n', "d.jsonl:1: unknown row shape (columns: instruction, output)"),
+    ('{"prompt": "a", "completion": null}\n', "d.jsonl:1: 'completion' must be a non-empty string"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
+     "d.jsonl:1: 'messages' has no non-empty assistant turn"),
+    ('{"text": "a"}\n{"prompt": "a", "completion": "b"}\n', "d.jsonl:2: row shape 'prompt_completion' differs"),
+    ("", "d.jsonl: the file is empty"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, content, needle):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        data.load(str(path), 0.1, 0)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match="not UTF-8"):
+        data.load(str(path), 0.1, 0)
+    with pytest.raises(UserError, match="DATASET=./nope.jsonl: file not found"):
+        data.load("./nope.jsonl", 0.1, 0)

@@ -1,0 +1,111 @@
+"""`./run.sh` end to end on the tiny model, offline, from a clean cache; then the adapter in plain PEFT."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run.json", "metrics.jsonl",
+                "training_log.txt", "loss.png", "report.md")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The one-click command with only MAX_STEPS/OUTPUT_DIR set: default model unreachable -> tiny model."""
+    cache = str(tmp_path_factory.mktemp("clean-cache"))   # clean state: the tiny model is built by this run
+    out = str(tmp_path_factory.mktemp("runs") / "quick_test")
+    from finetune.config import FIELDS, env_name
+
+    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in FIELDS}}
+    env.update(FINETUNE_CACHE=cache, HF_HUB_OFFLINE="1", MAX_STEPS="24", OUTPUT_DIR=out, EVAL_GENERATIONS="3")
+    result = subprocess.run([os.path.join(ROOT, "run.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result, cache
+
+
+def test_all_outputs_exist(default_run):
+    out, _, _ = default_run
+    for name in OUTPUT_FILES:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "loss.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_banner_says_tiny_model_stands_in(default_run):
+    _, result, _ = default_run
+    assert "could not be fetched" in result.stdout and "finetune/tiny-qwen2" in result.stdout
+    assert "NOT a useful language model" in result.stdout
+
+
+def test_eval_loss_drops_and_run_json_records_it(default_run):
+    out, _, _ = default_run
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "completed"
+    before, after = run["evaluation"]["before"]["eval_loss"], run["evaluation"]["after"]["eval_loss"]
+    assert after < before
+    assert run["settings"]["max_steps"] == {"value": 24, "source": "env"}
+    assert run["settings"]["batch_size"]["source"] == "plan"
+    assert run["result"]["steps"] == 24 and run["result"]["tokens_per_s"] > 0
+    assert run["result"]["peak_memory_gb"] > 0 and run["result"]["predicted_peak_gb"] > 0
+    assert run["model"]["is_tiny"] and run["hardware"]["cpu_cores"] >= 1 and "torch" in run["versions"]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert any("loss" in m for m in metrics) and any("eval_loss" in m for m in metrics)
+
+
+def test_report_has_before_and_after_columns(default_run):
+    out, _, _ = default_run
+    report = open(os.path.join(out, "report.md")).read()
+    assert "| metric | base model | with adapter |" in report
+    assert "| eval loss (per trained token) |" in report and "exact_match" in report and "valid_format" in report
+    assert report.count("Base model:") == 3 and report.count("With adapter:") == 3
+
+
+def test_training_log_has_progress(default_run):
+    out, _, _ = default_run
+    log = open(os.path.join(out, "training_log.txt")).read()
+    assert "step 24/24" in log and "tok/s" in log and "ETA" in log
+
+
+def test_adapter_loads_with_plain_peft_and_changes_logits(default_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _, cache = default_run
+    base_path = os.path.join(cache, "tiny-qwen2-v1")
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Maria lives in Lisbon", return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out)
+        tuned_logits = tuned(ids).logits
+    assert (tuned_logits - base_logits).abs().max().item() > 1e-3
+
+
+def test_output_dir_is_never_overwritten(default_run, run_env):
+    out, _, _ = default_run
+    before = sorted(os.listdir(out))
+    result = run_cli([], {**run_env, "OUTPUT_DIR": out, "MODEL": "finetune/tiny-qwen2", "MAX_STEPS": "1"})
+    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+    assert sorted(os.listdir(out)) == before
+
+
+def test_named_model_that_cannot_be_fetched_is_an_error(run_env, tmp_path):
+    result = run_cli([], {**run_env, "MODEL": "someone/does-not-exist", "OUTPUT_DIR": str(tmp_path / "r")})
+    assert result.returncode == 2
+    assert "MODEL=someone/does-not-exist: could not be loaded" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_bad_data_fails_before_model_loads(run_env, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n')
+    result = run_cli([], {**run_env, "DATASET": str(bad), "MODEL": "someone/never-fetched", "OUTPUT_DIR": str(tmp_path / "r")},
+                     timeout=60)
+    assert result.returncode == 2 and f"{bad}:2: not valid JSON" in result.stderr
+    assert "MODEL" not in result.stderr and not (tmp_path / "r").exists()

@@ -1,0 +1,311 @@
+"""The memory planner on described machines and real Qwen2.5 sizes: pure arithmetic, no torch."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+
+from finetune import plan
+from finetune.config import Config
+from finetune.errors import UserError
+from finetune.hardware import CudaDevice, Hardware
+from finetune.models import info_from_config
+
+
+def mac(chip: str, ram: float) -> Hardware:
+    return Hardware(os="Darwin", arch="arm64", chip=chip, ram_total_gb=ram, ram_available_gb=ram * 0.5,
+                    swap_total_gb=0, disk_free_gb=200, cpu_cores=8, mps_available=True)
+
+
+def linux(ram: float, cores: int = 8, features=(), gpus=(), available: float | None = None) -> Hardware:
+    return Hardware(os="Linux", arch="x86_64", chip="Intel(R) Xeon(R)", ram_total_gb=ram,
+                    ram_available_gb=ram * 0.9 if available is None else available, swap_total_gb=0,
+                    disk_free_gb=200, cpu_cores=cores, cpu_features=list(features), cuda_devices=list(gpus))
+
+
+RTX4090 = CudaDevice("NVIDIA GeForce RTX 4090", 24, "8.9", True)
+T4 = CudaDevice("Tesla T4", 15.0, "7.5", False)
+
+# name -> (hardware, device)
+MACHINES = {
+    "m1-8": (mac("Apple M1", 8), "mps"),
+    "m2-16": (mac("Apple M2", 16), "mps"),
+    "m3max-64": (mac("Apple M3 Max", 64), "mps"),
+    "rtx4090-24": (linux(64, gpus=[RTX4090]), "cuda"),
+    "t4-16": (linux(16, gpus=[T4]), "cuda"),
+    "cpu-8": (linux(8, cores=4, available=6), "cpu"),
+    "this-machine": (linux(24, cores=2, features=["avx2", "avx512f", "avx512_bf16"], available=22), "cpu"),
+}
+
+
+def qwen(h, layers, inter, heads, kv, vocab, tied, name):
+    return info_from_config(name, None, {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h,
+        "num_hidden_layers": layers, "intermediate_size": inter, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": tied})
+
+
+MODELS = {  # real config.json values of Qwen/Qwen2.5-*-Instruct
+    "0.5B": qwen(896, 24, 4864, 14, 2, 151936, True, "Qwen/Qwen2.5-0.5B-Instruct"),
+    "1.5B": qwen(1536, 28, 8960, 12, 2, 151936, True, "Qwen/Qwen2.5-1.5B-Instruct"),
+    "3B": qwen(2048, 36, 11008, 16, 2, 151936, True, "Qwen/Qwen2.5-3B-Instruct"),
+    "7B": qwen(3584, 28, 18944, 28, 4, 152064, False, "Qwen/Qwen2.5-7B-Instruct"),
+}
+
+ROWS, MEAN_TOKENS = 1000, 300
+
+
+def make(machine: str, model: str, **cfg):
+    hw, device = MACHINES[machine]
+    backend = "mlx" if device == "mlx" else "torch"
+    return plan.make(Config(**cfg), hw, MODELS[model], backend, device, ROWS, MEAN_TOKENS)
+
+
+def outcome(machine, model, **cfg):
+    try:
+        return make(machine, model, **cfg)
+    except UserError as err:
+        return err
+
+
+ALL = [(m, k) for m in MACHINES for k in MODELS]
+
+
+def test_model_sizes_are_the_real_ones():
+    # Sanity: the presets are the advertised sizes (Qwen2.5 ignores ~0.1% biases).
+    sizes = {k: m.num_params / 1e9 for k, m in MODELS.items()}
+    assert 0.45 < sizes["0.5B"] < 0.52 and 1.5 < sizes["1.5B"] < 1.6
+    assert 3.0 < sizes["3B"] < 3.1 and 7.5 < sizes["7B"] < 7.7
+
+
+@pytest.mark.parametrize("machine,model", ALL)
+def test_every_combo_plans_within_budget_or_fails_in_one_line(machine, model):
+    result = outcome(machine, model)
+    if isinstance(result, UserError):
+        msg = str(result)
+        assert "\n" not in msg and "MAX_SEQ_LENGTH" in msg and "GB" in msg
+        assert MODELS[model].name in msg
+    else:
+        assert result.predicted_peak_gb <= result.budget_gb
+        assert not any(r.startswith("warning") for r in result.reasons)
+        assert math.isclose(sum(result.breakdown_gb.values()), result.predicted_peak_gb)
+        assert result.batch_size in plan.BATCH_CANDIDATES
+        assert result.batch_size * result.grad_accum == 16
+        assert result.max_seq_length == 1024
+
+
+def test_small_model_fits_everywhere():
+    for machine in MACHINES:
+        assert isinstance(make(machine, "0.5B"), plan.Plan), machine
+
+
+@pytest.mark.parametrize("machine", ["m1-8", "cpu-8"])
+def test_7b_does_not_fit_on_8gb(machine):
+    with pytest.raises(UserError, match="MAX_SEQ_LENGTH"):
+        make(machine, "7B")
+
+
+def test_7b_on_cuda_quantizes_only_when_needed():
+    t4 = make("t4-16", "7B")
+    assert t4.quantize == "4bit" and t4.dtype == "fp16"
+    assert any(r.startswith("quantize 4bit") for r in t4.reasons)
+    rtx = make("rtx4090-24", "7B")
+    assert rtx.quantize == "none" and rtx.dtype == "bf16"
+    assert make("t4-16", "0.5B").quantize == "none"
+
+
+def test_4bit_never_chosen_off_cuda():
+    for machine, model in ALL:
+        result = outcome(machine, model)
+        if isinstance(result, plan.Plan) and result.device != "cuda":
+            assert result.quantize == "none"
+
+
+def test_dtypes():
+    assert make("t4-16", "0.5B").dtype == "fp16"
+    assert make("rtx4090-24", "0.5B").dtype == "bf16"
+    assert make("m1-8", "0.5B").dtype == "fp32"
+    assert make("m2-16", "0.5B").dtype == "bf16"
+    assert make("this-machine", "0.5B").dtype == "bf16"
+    assert make("cpu-8", "0.5B").dtype == "fp32"
+    assert plan.pick_dtype(mac("Apple M4", 16), "mlx", "auto")[0] == "bf16"
+    assert plan.pick_dtype(MACHINES["m1-8"][0], "mps", "fp16") == ("fp16", "dtype fp16: set by you")
+
+
+def test_memory_budgets():
+    assert plan.memory_budget(mac("Apple M1", 8), "mps") == ("unified", 8, 5.0)  # OS reserve binds
+    kind, total, budget = plan.memory_budget(mac("Apple M3 Max", 64), "mlx")
+    assert kind == "unified" and budget == pytest.approx(64 * 0.70)
+    assert plan.memory_budget(linux(64, gpus=[RTX4090]), "cuda") == ("vram", 24, pytest.approx(21.6))
+    assert plan.memory_budget(linux(32, available=8), "cpu") == ("ram", 32, pytest.approx(7.2))
+    assert plan.memory_budget(linux(32, available=0), "cpu") == ("ram", 32, pytest.approx(24.0))
+    # mlx[cpu] on Linux shares ordinary RAM, not unified memory
+    assert plan.memory_budget(linux(32, available=30), "mlx")[0] == "ram"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_monotonic_in_ram(model):
+    last_batch = 0
+    for ram in range(2, 257, 2):
+        hw = linux(ram)
+        if not _fits(hw, model, "cpu"):
+            assert last_batch == 0, f"{model} fit with less than {ram} GB RAM but not with {ram}"
+            continue
+        batch = plan.make(Config(), hw, MODELS[model], "torch", "cpu", ROWS, MEAN_TOKENS).batch_size
+        assert batch >= last_batch, f"{model}: batch dropped at {ram} GB"
+        last_batch = batch
+    assert last_batch == 16  # enough memory reaches the target batch
+
+
+def _fits(hw, model, device, **cfg) -> bool:
+    try:
+        plan.make(Config(**cfg), hw, MODELS[model], "torch", device, ROWS, MEAN_TOKENS)
+        return True
+    except UserError:
+        return False
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_monotonic_in_vram(model):
+    # At fixed quantization the batch never drops as VRAM grows; with quantize auto the plan moves
+    # from 4-bit to 16-bit at the point 16-bit fits at batch 1, and never back.
+    for quantize in ("none", "4bit"):
+        last = 0
+        for vram in range(4, 97, 2):
+            hw = linux(128, gpus=[CudaDevice("NVIDIA A100", vram, "8.0", True)])
+            if not _fits(hw, model, "cuda", quantize=quantize):
+                assert last == 0, f"{model} {quantize}: fit below {vram} GB VRAM but not at it"
+                continue
+            batch = plan.make(Config(quantize=quantize), hw, MODELS[model], "torch", "cuda", ROWS,
+                              MEAN_TOKENS).batch_size
+            assert batch >= last
+            last = batch
+        assert last == 16
+    quants = []
+    for vram in range(4, 97, 2):
+        hw = linux(128, gpus=[CudaDevice("NVIDIA A100", vram, "8.0", True)])
+        if _fits(hw, model, "cuda"):
+            quants.append(plan.make(Config(), hw, MODELS[model], "torch", "cuda", ROWS, MEAN_TOKENS).quantize)
+    assert quants == sorted(quants)  # "4bit" < "none": once 16-bit, always 16-bit
+    assert quants[-1] == "none"
+
+
+@pytest.mark.parametrize("machine,model", ALL)
+def test_checkpointing_only_when_needed(machine, model):
+    result = outcome(machine, model)
+    if isinstance(result, UserError):
+        return
+    no_ckpt = plan.estimate_memory(MODELS[model], result.batch_size, result.max_seq_length, False,
+                                   result.dtype, result.quantize, 16, result.device)["total"]
+    assert result.gradient_checkpointing == (no_ckpt > result.budget_gb)
+
+
+def test_checkpointing_is_used_somewhere_and_skipped_somewhere():
+    # Guard against the previous test passing vacuously.
+    flags = {r.gradient_checkpointing for r in (outcome(m, k) for m, k in ALL) if isinstance(r, plan.Plan)}
+    assert flags == {True, False}
+
+
+def test_user_values_are_kept():
+    p = make("m2-16", "1.5B", batch_size=3, grad_accum=2, gradient_checkpointing="on", dtype="fp32",
+             quantize="none")
+    assert (p.batch_size, p.grad_accum, p.gradient_checkpointing, p.dtype, p.quantize) == (3, 2, True, "fp32", "none")
+    assert sum("set by you" in r for r in p.reasons) == 5
+    # a fixed batch sets grad accum towards the effective target
+    assert make("m2-16", "0.5B", batch_size=4).grad_accum == 4
+    assert make("m2-16", "0.5B", batch_size=32).grad_accum == 1
+
+
+def test_user_batch_over_budget_is_kept_with_a_warning():
+    p = make("m1-8", "1.5B", batch_size=16)
+    assert p.batch_size == 16 and p.predicted_peak_gb > p.budget_gb
+    warning = [r for r in p.reasons if r.startswith("warning")]
+    assert len(warning) == 1 and f"{p.budget_gb:.1f} GB" in warning[0] and "exceeds budget" in warning[0]
+    # even a model that cannot fit at all: no error when the user chose the batch
+    assert make("m1-8", "7B", batch_size=1).batch_size == 1
+
+
+def test_user_fixed_settings_that_cannot_fit_fail_and_say_which():
+    with pytest.raises(UserError, match="QUANTIZE"):
+        make("t4-16", "7B", quantize="none")
+    with pytest.raises(UserError, match="MAX_SEQ_LENGTH"):
+        make("m2-16", "7B")
+
+
+def test_max_steps_and_eval_steps():
+    p = make("rtx4090-24", "0.5B", epochs=2.0)
+    assert p.max_steps == math.ceil(2 * ROWS / 16) == 125 and p.eval_steps == 25
+    assert make("rtx4090-24", "0.5B", max_steps=7, eval_steps=3).max_steps == 7
+    hw, _ = MACHINES["rtx4090-24"]
+    tiny = plan.make(Config(), hw, MODELS["0.5B"], "torch", "cuda", 3, 50)
+    assert tiny.batch_size == 2 and tiny.max_steps == 1 and tiny.eval_steps == 1  # batch capped at rows
+    assert any("training rows" in r for r in tiny.reasons)
+    assert plan.make(Config(), hw, MODELS["0.5B"], "torch", "cuda", 0, 0).batch_size == 1
+
+
+def test_estimate_memory_components():
+    m = MODELS["1.5B"]
+    base = plan.estimate_memory(m, 2, 512, False, "bf16", "none", 16, "cuda")
+    assert set(base) == {"weights", "lora", "optimizer", "activations", "logits", "overhead", "total"}
+    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    assert base["weights"] == pytest.approx(m.num_params * 2 / 2**30)
+    assert base["optimizer"] == pytest.approx(base["lora"] * 3)
+    bigger_batch = plan.estimate_memory(m, 4, 512, False, "bf16", "none", 16, "cuda")
+    longer = plan.estimate_memory(m, 2, 1024, False, "bf16", "none", 16, "cuda")
+    for grown in (bigger_batch, longer):
+        assert grown["activations"] > base["activations"] and grown["logits"] > base["logits"]
+        assert grown["total"] > base["total"] and grown["weights"] == base["weights"]
+    ckpt = plan.estimate_memory(m, 2, 512, True, "bf16", "none", 16, "cuda")
+    assert ckpt["activations"] < base["activations"] / 4
+    q4 = plan.estimate_memory(m, 2, 512, False, "bf16", "4bit", 16, "cuda")
+    assert q4["weights"] < base["weights"] / 2 and q4["lora"] == base["lora"]
+    fp32 = plan.estimate_memory(m, 2, 512, False, "fp32", "none", 16, "cuda")
+    assert fp32["weights"] == pytest.approx(2 * base["weights"])
+    assert plan.estimate_memory(m, 2, 512, False, "bf16", "none", 32, "cuda")["lora"] == pytest.approx(2 * base["lora"])
+    # MPS keeps the attention matrix, which grows with seq^2
+    mps = plan.estimate_memory(m, 2, 1024, False, "bf16", "none", 16, "mps")
+    assert mps["activations"] > longer["activations"]
+    assert plan.estimate_memory(m, 2, 1024, True, "bf16", "none", 16, "mps")["activations"] < mps["activations"]
+
+
+def test_time_estimate():
+    gpu, cpu = make("rtx4090-24", "0.5B"), make("this-machine", "0.5B")
+    for p in (gpu, cpu):
+        tokens = p.max_steps * p.batch_size * p.grad_accum * MEAN_TOKENS
+        assert p.est_seconds > 0 and p.est_tokens_per_s == pytest.approx(tokens / p.est_seconds)
+    assert gpu.est_tokens_per_s > 20 * cpu.est_tokens_per_s
+    assert make("rtx4090-24", "7B").est_tokens_per_s < gpu.est_tokens_per_s
+    # rows longer than max_seq_length are truncated, so time stops growing with mean_tokens
+    hw, _ = MACHINES["rtx4090-24"]
+    long_rows = [plan.make(Config(max_seq_length=256), hw, MODELS["0.5B"], "torch", "cuda", ROWS, n)
+                 for n in (200, 256, 5000)]
+    assert long_rows[0].est_seconds < long_rows[1].est_seconds == long_rows[2].est_seconds
+
+
+def test_plan_to_dict_and_format():
+    p = make("t4-16", "7B")
+    d = p.to_dict()
+    assert d["quantize"] == "4bit" and set(d["breakdown_gb"]) == set(p.breakdown_gb)
+    assert d["predicted_peak_gb"] == round(p.predicted_peak_gb, 3)
+    text = plan.format_plan(p)
+    for needle in ("torch / cuda", f"{p.batch_size} x {p.grad_accum} = 16 effective", "1024", "4bit",
+                   "fp16", "vram", f"{p.budget_gb:.1f} GB", "weights", "logits", "tokens/s", p.reasons[0]):
+        assert needle in text, needle
+    assert plan._hms(3725) == "1:02:05"
+
+
+def test_plan_module_is_import_light():
+    code = "import sys, finetune.plan; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_plan_is_a_dataclass_with_the_agreed_fields():
+    names = [f.name for f in dataclasses.fields(plan.Plan)]
+    assert names == ["backend", "device", "method", "batch_size", "grad_accum", "max_seq_length", "max_steps",
+                     "eval_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
+                     "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
+                     "est_tokens_per_s", "reasons"]
