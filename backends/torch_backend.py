@@ -157,7 +157,7 @@ class TorchSession:
             learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * plan.max_steps),
             logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=plan.eval_steps,
             save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-            run_name=os.path.basename(cfg.output_dir.rstrip("/")) if cfg.output_dir else None,
+            run_name=cfg.run_name, project="finetune", trackio_static_space_id=False,  # Trackio: local only
             seed=cfg.seed, data_seed=cfg.seed, bf16=plan.dtype == "bf16", fp16=plan.dtype == "fp16",
             use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
             max_length=plan.max_seq_length, dataset_kwargs={"skip_prepare_dataset": True},
@@ -165,7 +165,7 @@ class TorchSession:
             remove_unused_columns=False,
         )
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+                                 use_dora=cfg.lora_type == "dora", target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=as_ds(train_rows),
                              eval_dataset=as_ds(eval_rows), processing_class=self.tokenizer,
                              peft_config=peft_config, callbacks=[Relay()])

@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from finetune import data, template, tiny  # noqa: E402
@@ -26,13 +26,15 @@ from finetune import data, template, tiny  # noqa: E402
 CORES = os.cpu_count() or 1
 torch.set_num_threads(CORES)
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 REPEATS, WARMUP, MEASURED, BATCH = 3, 2, 10, 8
 EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 32, 2, 32
 SIZES = {  # name -> Qwen2Config overrides (None = the tiny model as built by finetune.tiny)
     "tiny": None,
     "small": dict(hidden_size=512, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2),
-    "medium": dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4),
+    # ~91M (hidden 1024, 8 layers, inter 2816) took ~35 s per fp32 run here: too slow for 3 repeats in 5 min.
+    "medium": dict(hidden_size=768, num_hidden_layers=8, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4),
 }
 
 
@@ -50,7 +52,7 @@ def build_model(name: str, path: str, tok, dtype):
     if SIZES[name] is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
-        ref = AutoModelForCausalLM.from_pretrained(path).config
+        ref = AutoConfig.from_pretrained(path)
         cfg = Qwen2Config(vocab_size=ref.vocab_size, bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id,
                           pad_token_id=ref.pad_token_id, max_position_embeddings=2048, tie_word_embeddings=True,
                           dtype="float32", **SIZES[name])
@@ -152,7 +154,7 @@ def main():
 
     results = []  # (size, params, {dtype: {metric: [values]}})
     for name in SIZES:
-        t_size = time.perf_counter()
+        t_size, cpu0 = time.perf_counter(), sum(os.times()[:2])
         variants = {}
         for dt in ("fp32", "bf16"):
             model = build_model(name, path, tok, torch.float32 if dt == "fp32" else torch.bfloat16)
@@ -168,8 +170,10 @@ def main():
                 m["gen"].append(gen_tokens_per_s(peft_model, prompts, tok))
         lora = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "lora_A" in n)
         base = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "q_proj.base_layer" in n)
-        print(f"  {name}: {params / 1e6:.1f}M params, done in {time.perf_counter() - t_size:.0f}s "
-              f"(bf16 run: base {base}, LoRA {lora})")
+        wall = time.perf_counter() - t_size
+        busy = (sum(os.times()[:2]) - cpu0) / (wall * CORES)  # far below ~85%: something else shared the CPU
+        print(f"  {name}: {params / 1e6:.1f}M params, done in {wall:.0f}s, this process kept {busy:.0%} of the cores "
+              f"busy (bf16 run: base {base}, LoRA {lora}); load avg now {os.getloadavg()[0]:.2f}")
         results.append((name, params, {dt: v[2] for dt, v in variants.items()}))
         del variants
 

@@ -29,6 +29,8 @@ class Config:
     model: str = field(default=DEFAULT_MODEL, metadata=_opt("Hugging Face model id or local directory"))
     dataset: str = field(default=SAMPLE_DATASET, metadata=_opt(
         "JSONL/JSON/CSV/Parquet file, directory, or Hugging Face dataset id ('sample' = the shipped one)"))
+    column_map: str | None = field(default=None, metadata=_opt(
+        "rename dataset columns before shape detection, e.g. 'question=prompt,answer=completion'"))
     method: str = field(default="sft", metadata=_opt("training method", choices=("sft",)))
     backend: str = field(default="auto", metadata=_opt("auto, or a registered backend name (see `finetune doctor`)"))
     output_dir: str | None = field(default=None, metadata=_opt("run directory (default outputs/<run-name>)"))
@@ -41,12 +43,14 @@ class Config:
     max_seq_length: int = field(default=1024, metadata=_opt("tokens per row; longer rows are truncated", lo=16))
     lora_r: int = field(default=16, metadata=_opt("LoRA rank", lo=1))
     lora_alpha: float = field(default=32.0, metadata=_opt("LoRA alpha (scale = alpha / r)", lo=0, lo_open=True))
+    lora_type: str = field(default="lora", metadata=_opt("adapter type (DoRA = weight-decomposed LoRA)",
+                                                         choices=("lora", "dora")))
     lora_dropout: float = field(default=0.05, metadata=_opt("LoRA dropout", lo=0, hi=0.9))
     seed: int = field(default=42, metadata=_opt("random seed (data split, init, sampling)", lo=0))
     gradient_checkpointing: str = field(default="auto", metadata=_opt(
         "recompute activations to save memory", choices=("auto", "on", "off")))
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=("auto", "fp32", "bf16", "fp16")))
-    quantize: str = field(default="auto", metadata=_opt("4-bit base weights (QLoRA)", choices=("auto", "none", "4bit")))
+    quantize: str = field(default="auto", metadata=_opt("4-bit base weights (QLoRA: bitsandbytes on CUDA, MLX quantization on mlx)", choices=("auto", "none", "4bit")))
     val_split: float = field(default=0.1, metadata=_opt(
         "share of rows held out when the dataset has no validation split", lo=0, lo_open=True, hi=0.5))
     eval_rows: int = field(default=32, metadata=_opt("held-out rows scored for eval loss", lo=1))

@@ -23,21 +23,22 @@ class EvalResult:
         return asdict(self)
 
 
-def _json_object(text: str) -> dict | None:
+def _json_object(text) -> dict | None:
     try:
         value = json.loads(text.strip())
-    except (json.JSONDecodeError, ValueError):
+    except (AttributeError, ValueError, RecursionError):  # not a string / not JSON / pathological nesting
         return None
     return value if isinstance(value, dict) else None
 
 
 def score(expected: str, generated: str) -> dict[str, bool]:
+    """Checks for one generation. Key order and whitespace are free; types are not (30.0 or "30" is not 30)."""
     want, got = _json_object(expected), _json_object(generated)
     if want is None:
-        return {"exact_match": " ".join(expected.split()) == " ".join(generated.split())}
-    same_shape = got is not None and list(got) == list(want) and all(
-        type(got[k]) is type(want[k]) for k in want)  # noqa: E721 - bool vs int must differ
-    return {"exact_match": got == want, "valid_format": same_shape}
+        same = isinstance(generated, str) and " ".join(expected.split()) == " ".join(generated.split())
+        return {"exact_match": same}
+    valid = got is not None and set(got) == set(want) and all(type(got[k]) is type(want[k]) for k in want)
+    return {"exact_match": valid and got == want, "valid_format": valid}
 
 
 def evaluate(session, tokenizer, examples: list[Example], encoded: list[Encoded],

@@ -1,7 +1,7 @@
 """The shipped sample dataset: extract a person's name, city and age from a sentence into strict JSON.
 
 Chosen because a base model does not answer in this exact format, a fine-tuned one does, and every
-answer can be graded automatically (check_answer). Output is byte-identical on every run: the only
+answer can be graded automatically (finetune.evaluate.score). Output is byte-identical on every run: the only
 randomness is random.Random(seed), and all lists below are fixed and ordered.
 
 Regenerate the committed files with:  python -m finetune.sample_data
@@ -121,31 +121,6 @@ def write(directory: str = DEFAULT_DIR) -> list[str]:
     _write_jsonl(paths[0], rows[:N_TRAIN])
     _write_jsonl(paths[1], rows[N_TRAIN:])
     return paths
-
-
-def _parse_record(text) -> dict | None:
-    """The parsed object if text is a JSON object with exactly name:str, city:str, age:int, else None."""
-    if not isinstance(text, str):
-        return None
-    try:
-        obj = json.loads(text.strip())
-    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting can recurse
-        return None
-    if not isinstance(obj, dict) or set(obj) != {"name", "city", "age"}:
-        return None
-    age = obj["age"]
-    # bool is a subclass of int in Python, but `true` is not an age.
-    if not isinstance(obj["name"], str) or not isinstance(obj["city"], str) \
-            or not isinstance(age, int) or isinstance(age, bool):
-        return None
-    return obj
-
-
-def check_answer(expected: str, generated: str) -> dict[str, bool]:
-    """Grade one generation: does it have the strict format, and does it match the expected answer?"""
-    got = _parse_record(generated)
-    want = _parse_record(expected)
-    return {"valid_format": got is not None, "exact": got is not None and want is not None and got == want}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import backends
 from finetune import __version__, data, hardware, models, outputs, plan as planner
@@ -114,7 +114,7 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
             print(banner(fallback))
         print(f"Run directory: {run_dir}")
         models.fetch_weights(model)
-        session = backend.load(cfg, plan, model, tokenizer)
+        session = backend.load(replace(cfg, run_name=run_name), plan, model, tokenizer)
         print(f"Evaluating the base model on {len(val_enc)} held-out rows ...")
         before = evaluate(session, tokenizer, val_rows, val_enc, cfg.eval_generations, cfg.max_new_tokens)
         print(f"  base: eval_loss {before.eval_loss:.4f} {before.metrics}")

@@ -109,3 +109,16 @@ def test_bad_data_fails_before_model_loads(run_env, tmp_path):
                      timeout=60)
     assert result.returncode == 2 and f"{bad}:2: not valid JSON" in result.stderr
     assert "MODEL" not in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_report_to_trackio_logs_locally(run_env, tmp_path):
+    import sqlite3
+
+    trackio_dir = tmp_path / "trackio"
+    env = {**run_env, "REPORT_TO": "trackio", "TRACKIO_DIR": str(trackio_dir), "MODEL": "finetune/tiny-qwen2",
+           "MAX_STEPS": "4", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "4", "OUTPUT_DIR": str(tmp_path / "r")}
+    result = run_cli([], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    db = sqlite3.connect(trackio_dir / "finetune.db")
+    logged = [row[0] for row in db.execute("select metrics from metrics")]
+    assert any(b"train/loss" in m for m in logged) and any(b"eval/loss" in m for m in logged)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from finetune import sample_data, tiny
-from finetune.sample_data import check_answer
+from finetune.evaluate import score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_rows_are_well_formed_and_answers_are_extractable():
         assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
         assert msgs[0]["content"] == sample_data.SYSTEM_PROMPT
         answer = msgs[2]["content"]
-        assert check_answer(answer, answer) == {"valid_format": True, "exact": True}
+        assert score(answer, answer) == {"valid_format": True, "exact_match": True}
         obj = json.loads(answer)
         assert list(obj) == ["name", "city", "age"]
         assert answer == json.dumps(obj, separators=(", ", ": ")) and "\n" not in answer
@@ -114,12 +114,13 @@ EXPECTED = '{"name": "Ana Silva", "city": "Lima", "age": 30}'
     ("[" * 100000, False, False),  # pathological nesting must not raise
     (None, False, False),
 ])
-def test_check_answer(generated, valid, exact):
-    assert check_answer(EXPECTED, generated) == {"valid_format": valid, "exact": exact}
+def test_score_sample_answers(generated, valid, exact):
+    assert score(EXPECTED, generated) == {"valid_format": valid, "exact_match": exact}
 
 
-def test_check_answer_with_garbage_expected_is_never_exact():
-    assert check_answer("not json", EXPECTED) == {"valid_format": True, "exact": False}
+def test_score_plain_text_answers_is_exact_match_only():
+    assert score("not json", EXPECTED) == {"exact_match": False}
+    assert score("Paris  is\nbig", "Paris is big ") == {"exact_match": True}
 
 
 # ---------------------------------------------------------------- tiny model
