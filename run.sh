@@ -10,7 +10,7 @@ VENV="${VENV:-.venv}"
 # (Re)create the environment only when it is missing or what it was built from changed.
 stamp_now() { cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1; }
 if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.finetune-stamp" || "$(cat "$VENV/.finetune-stamp")" != "$(stamp_now)" ]]; then
-  ./setup_environment.sh
+  ./setup_environment.sh >&2  # stdout stays the command's own (e.g. doctor --json)
 fi
 
 export HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

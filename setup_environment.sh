@@ -4,6 +4,7 @@
 #   Linux with an NVIDIA GPU     -> CUDA torch + bitsandbytes
 #   anything else                -> CPU torch (Linux x86_64: torch==2.13.0, the CPU build this
 #                                   project is tested with; a newer range would pull a multi-GB CUDA build)
+#                                   + on Linux mlx[cpu] + mlx-lm (optional: BACKEND=mlx, and its tests)
 # Overrides: PYTHON=python3.12 (interpreter), VENV=.venv (location), TORCH_SPEC="torch==2.x" (torch pin).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -37,6 +38,10 @@ elif [[ "$OS" == "Linux" && "$ARCH" == "x86_64" ]]; then
 else
   PROFILE="cpu"; TORCH="${TORCH_SPEC:-torch}"; EXTRA=()
 fi
+# MLX on Linux runs on the CPU (mlx[cpu]): slower than torch there, but it exercises the MLX backend for real.
+# Optional: a platform without mlx wheels still gets a working torch setup. Pinned to the tested versions.
+OPTIONAL=()
+if [[ "$OS" == "Linux" && "$NVIDIA" == 0 ]]; then OPTIONAL=("mlx[cpu]==0.32.4" "mlx-lm==0.32.2"); fi
 step "machine: $OS $ARCH, NVIDIA GPU: $([[ $NVIDIA == 1 ]] && echo yes || echo no) -> profile $PROFILE"
 
 # ---- venv (recreated only if missing or broken)
@@ -58,6 +63,11 @@ if (( ${#EXTRA[@]} )); then
 fi
 step "installing requirements.txt"
 "${PIP[@]}" -r requirements.txt || die "installing requirements.txt failed (see pip's message above)"
+if (( ${#OPTIONAL[@]} )); then  # after requirements.txt, constrained by it: mlx-lm must not move the pins
+  step "installing ${OPTIONAL[*]} (optional)"
+  "${PIP[@]}" -c requirements.txt "${OPTIONAL[@]}" \
+    || echo "setup_environment.sh: warning: ${OPTIONAL[*]} did not install; BACKEND=mlx will be unavailable" >&2
+fi
 "${PIP[@]}" --no-deps -e . >/dev/null || die "installing the finetune package (pip install -e .) failed"
 
 # run.sh compares this stamp to decide whether setup must run again.

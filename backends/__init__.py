@@ -17,7 +17,7 @@ from finetune.hardware import Hardware
 from finetune.models import ModelInfo
 
 # name -> "module:attribute"; imported lazily so `doctor` and `--dry-run` stay fast
-BUILTIN = {"torch": "backends.torch_backend:BACKEND"}
+BUILTIN = {"torch": "backends.torch_backend:BACKEND", "mlx": "backends.mlx_backend:BACKEND"}
 PREFERENCE = ("mlx", "torch")  # auto choice: first usable one wins (MLX first on Apple silicon)
 
 
@@ -81,7 +81,9 @@ def select(requested: str, hw: Hardware, model: ModelInfo | None, method: str) -
     order = [n for n in PREFERENCE if n in names()] + [n for n in names() if n not in PREFERENCE]
     for name in order:
         backend = get(name)
-        why_not = backend.available(hw) or (model and backend.supports(model, method))
+        # auto_skip: usable when asked for by name, but not a good default here (MLX off Apple silicon)
+        auto_skip = getattr(backend, "auto_skip", lambda hw: None)
+        why_not = backend.available(hw) or auto_skip(hw) or (model and backend.supports(model, method))
         if why_not is None:
             reasons.append(f"{name}: chosen (first usable of {', '.join(order)})")
             return backend, reasons

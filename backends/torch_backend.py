@@ -49,24 +49,53 @@ def process_peak_gb() -> float:
     return peak / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)  # bytes on macOS, KiB on Linux
 
 
+def model_load_kwargs(plan) -> dict:
+    """from_pretrained kwargs for the plan: dtype of the frozen base, and NF4 4-bit (QLoRA) on CUDA."""
+    torch = _torch()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype]
+    kwargs = {"dtype": dtype}
+    if plan.quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}  # bitsandbytes places the quantized weights itself
+    return kwargs
+
+
+def lora_kwargs(cfg) -> dict:
+    return {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "use_dora": cfg.lora_type == "dora", "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+
+
+def trainer_kwargs(cfg, plan) -> dict:
+    """SFTConfig for the plan. Rows come pre-tokenized with labels, so TRL's preparation is skipped."""
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix="finetune-trainer-"),  # no checkpoints are written
+        per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum, max_steps=plan.max_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * plan.max_steps),
+        logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=plan.eval_steps,
+        save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        run_name=cfg.run_name, project="finetune", trackio_static_space_id=False,  # Trackio: local only
+        seed=cfg.seed, data_seed=cfg.seed, bf16=plan.dtype == "bf16", fp16=plan.dtype == "fp16",
+        use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
+        max_length=plan.max_seq_length, dataset_kwargs={"skip_prepare_dataset": True},
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
 class TorchSession:
     def __init__(self, cfg, plan, model, tokenizer):
         torch = _torch()
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.plan, self.tokenizer = cfg, plan, tokenizer
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype]
-        kwargs = {"dtype": self.dtype}
-        if plan.quantize == "4bit":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.dtype)
-            kwargs["device_map"] = {"": 0}
+        kwargs = model_load_kwargs(plan)
         torch.manual_seed(cfg.seed)
         self.model = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
-        if plan.quantize != "4bit":
+        if "device_map" not in kwargs:
             self.model.to(plan.device)
         self.model.eval()
         self._mps_peak = 0.0
@@ -150,22 +179,8 @@ class TorchSession:
                 if "loss" in record or "eval_loss" in record:
                     on_log({"event": "log", **record})
 
-        args = SFTConfig(
-            output_dir=tempfile.mkdtemp(prefix="finetune-trainer-"),  # no checkpoints are written
-            per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size,
-            gradient_accumulation_steps=plan.grad_accum, max_steps=plan.max_steps,
-            learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * plan.max_steps),
-            logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=plan.eval_steps,
-            save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-            run_name=cfg.run_name, project="finetune", trackio_static_space_id=False,  # Trackio: local only
-            seed=cfg.seed, data_seed=cfg.seed, bf16=plan.dtype == "bf16", fp16=plan.dtype == "fp16",
-            use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
-            max_length=plan.max_seq_length, dataset_kwargs={"skip_prepare_dataset": True},
-            include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
-            remove_unused_columns=False,
-        )
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 use_dora=cfg.lora_type == "dora", target_modules="all-linear", task_type="CAUSAL_LM")
+        args = SFTConfig(**trainer_kwargs(cfg, plan))
+        peft_config = LoraConfig(**lora_kwargs(cfg))
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=as_ds(train_rows),
                              eval_dataset=as_ds(eval_rows), processing_class=self.tokenizer,
                              peft_config=peft_config, callbacks=[Relay()])

@@ -1,51 +1,36 @@
 """CPU dtype benchmark: bf16 (bf16 base weights, fp32 LoRA, bf16=True autocast, as our torch backend does)
-vs fp32 for LoRA training, eval forward and generate, on random-init Qwen2 models of three sizes.
+vs fp32 for LoRA training, eval forward and generate, on random-init Qwen2 models of four sizes.
 
 Run:  python bench/cpu_dtype.py        (about 4-5 minutes on 2 cores)
-Variants are interleaved (fp32, bf16, fp32, bf16, ...) and each figure is the median of REPEATS runs.
+Variants are interleaved (fp32, bf16, fp32, bf16, ...), REPEATS times; each figure is the median of the per-step
+(train), per-batch (eval) or per-prompt (generate) rates pooled over the repeats. Each sample also records how much
+CPU other processes used meanwhile (/proc/stat minus our own time); samples where they used > 0.25 core are dropped,
+and after such a sample the next one waits (up to 10 s) for the machine to go quiet.
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import FOREIGN_MAX, Gate, clean_median, cpu_flags, env_line, setup_torch, wait_quiet
 
-import torch  # noqa: E402
+torch = setup_torch()
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from finetune import data, template, tiny  # noqa: E402
 
-CORES = os.cpu_count() or 1
-torch.set_num_threads(CORES)
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
+GATE = Gate()
 
 REPEATS, WARMUP, MEASURED, BATCH = 3, 2, 10, 8
-EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 32, 2, 32
+EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 32, 4, 32
 SIZES = {  # name -> Qwen2Config overrides (None = the tiny model as built by finetune.tiny)
     "tiny": None,
+    "mini": dict(hidden_size=256, num_hidden_layers=6, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2),
     "small": dict(hidden_size=512, num_hidden_layers=6, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2),
     # ~91M (hidden 1024, 8 layers, inter 2816) took ~35 s per fp32 run here: too slow for 3 repeats in 5 min.
-    "medium": dict(hidden_size=768, num_hidden_layers=8, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4),
+    "medium": dict(hidden_size=768, num_hidden_layers=6, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4),
 }
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next(line for line in fh if line.startswith("flags")).split(":")[1].split()
-    except (OSError, StopIteration):
-        return "unknown"
-    keep = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
-    return " ".join(f for f in keep if f in flags) or "none"
 
 
 def build_model(name: str, path: str, tok, dtype):
@@ -63,25 +48,29 @@ def build_model(name: str, path: str, tok, dtype):
 
 
 class StepClock:
-    """TrainerCallback recording (time, tokens seen) at every step end."""
+    """TrainerCallback timing each step from its begin (after waiting, if the last sample was disturbed) to its end."""
 
     def __init__(self):
         from transformers import TrainerCallback
 
-        marks = self.marks = []
+        steps = self.steps = []
 
         class CB(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                marks.clear()
+                steps.clear()
+
+            def on_step_begin(self, args, state, control, **kw):
+                self.begin = (GATE.start(), state.num_input_tokens_seen)  # tokens are counted after this hook
 
             def on_step_end(self, args, state, control, **kw):
-                marks.append((time.perf_counter(), state.num_input_tokens_seen))
+                a, n0 = self.begin
+                steps.append(GATE.stop(a, state.num_input_tokens_seen - n0))
 
         self.callback = CB()
 
-    def tokens_per_s(self) -> float:
-        (t0, n0), (t1, n1) = self.marks[WARMUP - 1], self.marks[WARMUP + MEASURED - 1]
-        return (n1 - n0) / (t1 - t0)
+    def rates(self) -> list[tuple[float, float]]:
+        """(tokens/s, foreign cores) of each measured step (same batches for every variant: same data seed)."""
+        return self.steps[WARMUP:WARMUP + MEASURED]
 
 
 def make_trainer(model, tok, rows, bf16: bool):
@@ -105,12 +94,13 @@ def make_trainer(model, tok, rows, bf16: bool):
     return trainer, clock
 
 
-def eval_tokens_per_s(model, rows, pad) -> float:
+def eval_rates(model, rows, pad) -> list[tuple[float, float]]:
     """Like TorchSession.eval_loss: no grad, no autocast, logits upcast, summed CE."""
     model.eval()
-    start, n = time.perf_counter(), 0
+    out = []
     with torch.no_grad():
         for i in range(0, len(rows), BATCH):
+            start = GATE.start()
             chunk = rows[i:i + BATCH]
             w = max(len(r.input_ids) for r in chunk)
             ids = torch.full((len(chunk), w), pad)
@@ -122,26 +112,27 @@ def eval_tokens_per_s(model, rows, pad) -> float:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                               ignore_index=template.IGNORE, reduction="sum").item()
-            n += int(mask.sum())
-    return n / (time.perf_counter() - start)
+            out.append(GATE.stop(start, int(mask.sum())))
+    return out
 
 
-def gen_tokens_per_s(model, prompts, tok) -> float:
+def gen_rates(model, prompts, tok) -> list[tuple[float, float]]:
     """Like TorchSession.generate: greedy, one prompt at a time; min_new_tokens forces exactly GEN_TOKENS."""
     model.eval()
-    start = time.perf_counter()
+    out = []
     with torch.no_grad():
         for p in prompts:
+            start = GATE.start()
             ids = torch.tensor([p])
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=GEN_TOKENS,
                            min_new_tokens=GEN_TOKENS, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return len(prompts) * GEN_TOKENS / (time.perf_counter() - start)
+            out.append(GATE.stop(start, GEN_TOKENS))
+    return out
 
 
 def main():
     t_all = time.perf_counter()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} of {CORES} cores, cpu flags: {cpu_flags()}, "
-          f"mkldnn bf16 supported: {torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(env_line())
     path = tiny.ensure()
     tok = AutoTokenizer.from_pretrained(path)
     splits = data.load("sample", 0.1, 42)
@@ -154,7 +145,7 @@ def main():
 
     results = []  # (size, params, {dtype: {metric: [values]}})
     for name in SIZES:
-        t_size, cpu0 = time.perf_counter(), sum(os.times()[:2])
+        t_size, waited0 = time.perf_counter(), GATE.waited
         variants = {}
         for dt in ("fp32", "bf16"):
             model = build_model(name, path, tok, torch.float32 if dt == "fp32" else torch.bfloat16)
@@ -163,44 +154,50 @@ def main():
             variants[dt] = (trainer, clock, {"train": [], "eval": [], "gen": []})
         for _ in range(REPEATS):
             for dt, (trainer, clock, m) in variants.items():  # interleaved: fp32, bf16, fp32, bf16, ...
+                GATE.waited += wait_quiet()
                 trainer.train()
-                m["train"].append(clock.tokens_per_s())
-                peft_model = trainer.model
-                m["eval"].append(eval_tokens_per_s(peft_model, eval_rows, tok.pad_token_id))
-                m["gen"].append(gen_tokens_per_s(peft_model, prompts, tok))
+                m["train"] += clock.rates()
+                m["eval"] += eval_rates(trainer.model, eval_rows, tok.pad_token_id)  # PEFT model, as the backend
+                m["gen"] += gen_rates(trainer.model, prompts, tok)
         lora = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "lora_A" in n)
         base = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "q_proj.base_layer" in n)
-        wall = time.perf_counter() - t_size
-        busy = (sum(os.times()[:2]) - cpu0) / (wall * CORES)  # far below ~85%: something else shared the CPU
-        print(f"  {name}: {params / 1e6:.1f}M params, done in {wall:.0f}s, this process kept {busy:.0%} of the cores "
-              f"busy (bf16 run: base {base}, LoRA {lora}); load avg now {os.getloadavg()[0]:.2f}")
+        print(f"  {name}: {params / 1e6:.1f}M params, done in {time.perf_counter() - t_size:.0f}s ({GATE.waited - waited0:.0f}s of it "
+              f"waiting for other processes to go quiet); bf16 run: base {base}, LoRA {lora}")
         results.append((name, params, {dt: v[2] for dt, v in variants.items()}))
         del variants
 
-    med = statistics.median
-    print(f"\nTotal {time.perf_counter() - t_all:.0f}s. Figures: median of {REPEATS}; tok/s = non-padding tokens/s "
-          "(train, eval) or new tokens/s (generate).\n")
+    print(f"\nTotal {time.perf_counter() - t_all:.0f}s. tok/s = non-padding tokens/s (train, eval) or new tokens/s "
+          f"(generate); median over the samples taken while other processes used <= {FOREIGN_MAX} core "
+          "(kept/total samples in brackets).\n")
     print("| model | params | train fp32 tok/s | train bf16 tok/s | bf16/fp32 | eval fp32 tok/s | eval bf16 tok/s "
           "| bf16/fp32 | gen fp32 tok/s | gen bf16 tok/s | bf16/fp32 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    verdicts = []
+    verdicts, noisy = [], []
     for name, params, m in results:
-        cells = []
+        cells, ratios = [], []
         for k in ("train", "eval", "gen"):
-            f, b = med(m["fp32"][k]), med(m["bf16"][k])
-            cells += [f"{f:,.0f}", f"{b:,.0f}", f"{b / f:.2f}x"]
+            (f, nf), (b, nb) = clean_median(m["fp32"][k]), clean_median(m["bf16"][k])
+            n = len(m["fp32"][k])
+            noisy += [f"{name} {k}"] if min(nf, nb) < 3 else []
+            cells += [f"{f:,.0f} ({nf}/{n})", f"{b:,.0f} ({nb}/{n})", f"{b / f:.2f}x"]
+            ratios.append(b / f)
         print(f"| {name} | {params / 1e6:.1f}M | " + " | ".join(cells) + " |")
-        verdicts.append((name, params, med(m["bf16"]["train"]) / med(m["fp32"]["train"])))
+        verdicts.append((name, params, *ratios))
+    if noisy:
+        print(f"\nWARNING: too few quiet samples for {', '.join(noisy)} (others used the CPU); all samples used there.")
 
-    print("\nConclusion (CPU with avx512_bf16, no AMX):" if "amx_bf16" not in cpu_flags() else "\nConclusion (CPU with AMX):")
-    for name, params, r in verdicts:
+    print("\nConclusion (CPU with " + ("AMX):" if "amx_bf16" in cpu_flags() else "avx512_bf16, no AMX):"))
+    for name, params, r, e, g in verdicts:
         pick = "bf16" if r > 1.05 else "fp32" if r < 0.95 else "either (within 5%)"
-        print(f"  {name} ({params / 1e6:.1f}M params): bf16 trains at {r:.2f}x fp32 -> pick {pick}")
-    wins = [p for _, p, r in verdicts if r > 1.05]
-    if wins:
-        print(f"  bf16 wins for training from ~{min(wins) / 1e6:.0f}M params here; below that pick fp32.")
+        print(f"  {name} ({params / 1e6:.1f}M params): bf16 = {r:.2f}x fp32 train, {e:.2f}x eval, {g:.2f}x generate "
+              f"-> pick {pick}")
+    lose = [p for _, p, r, *_ in verdicts if r <= 1.05]
+    win = [p for _, p, r, *_ in verdicts if r > 1.05 and p > max(lose, default=0)]
+    if win and lose:
+        print(f"  Rule: fp32 up to ~{max(lose) / 1e6:.1f}M params, bf16 from ~{min(win) / 1e6:.0f}M "
+              "(threshold somewhere in between).")
     else:
-        print("  bf16 never beat fp32 for training at these sizes; pick fp32.")
+        print("  Rule: " + ("bf16 at every size measured." if win else "fp32 at every size measured."))
 
 
 if __name__ == "__main__":

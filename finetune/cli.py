@@ -5,10 +5,11 @@ import argparse
 import json
 import sys
 
+from finetune import check_data  # light: the tokenizer (and torch) load only when a check needs them
 from finetune.config import FIELDS, _base_type, flag_name, resolve
 from finetune.errors import UserError
 
-COMMANDS = ("train", "doctor")
+COMMANDS = ("train", "doctor", "check-data", "convert")
 
 
 def _train_parser(sub) -> None:
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     doctor = sub.add_parser("doctor", help="what this machine has and which backend would run")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    convert = sub.add_parser("convert", help="convert a LoRA/DoRA adapter between mlx-lm and PEFT")
+    convert.add_argument("adapter_dir", help="adapter directory (mlx-lm: adapters.safetensors; PEFT: adapter_model.safetensors)")
+    convert.add_argument("--to", required=True, choices=("peft", "mlx"), help="format to write")
+    convert.add_argument("--out", required=True, help="directory for the converted adapter")
+    convert.add_argument("--base", default=None, help="base model id/path recorded in a PEFT adapter_config.json")
+    check_data.add_arguments(sub.add_parser("check-data", help="which methods a dataset fits, its problems and stats"))
     return parser
 
 
@@ -63,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "doctor":
             return doctor(args.json)
+        if args.command == "convert":
+            from finetune import interop
+
+            files = interop.convert(args.adapter_dir, args.to, args.out, args.base)
+            print("wrote " + ", ".join(files))
+            return 0
+        if args.command == "check-data":
+            return check_data.main(args)
         import backends
         from finetune import train
 

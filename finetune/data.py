@@ -5,11 +5,15 @@ The four SFT shapes (same names as TRL's dataset formats) become one `Example`:
     {"prompt": str, "completion": str}            -> Example(prompt, completion)  completion + EOS trained
     {"messages": [...]}                           -> Example(messages)            assistant turns trained
     {"prompt": [msgs], "completion": [msgs]}      -> Example(messages, train_from=len(prompt))
-Local files are parsed here (not by `datasets`) so a bad row can be reported as file:line.
+Local files are parsed here (not by `datasets`) so a bad row can be reported as file:line. Reading
+and row checks collect every problem instead of stopping at the first, so `finetune check-data` and
+`train` share them: check-data prints them all, `load` raises them (capped) as one DataError.
+COLUMN_MAP ("question=prompt,answer=completion") renames columns before any shape is detected.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -17,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from finetune.errors import UserError
+from finetune.shapes import (FORMS, ROLES, Problem, has_assistant, kind, map_flags, messages,  # noqa: F401 (re-exports)
+                             parse_column_map, rename, suggest_map, text)
 
-ROLES = ("system", "user", "assistant", "tool")
 FILE_EXTS = (".jsonl", ".json", ".csv", ".parquet")
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+MAX_LISTED = 20           # problems listed in one error message; check-data --json has them all
+UNKNOWN_SHAPE = "unknown row shape"
 
 
 @dataclass
@@ -48,118 +55,274 @@ class Splits:
     source: str                                   # what was loaded, for the record
     shape: str                                    # shape of the first row
     validation_source: str = "file"               # "file" or "carved N% (seed S)"
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)   # row-level warnings found while loading
+    rows: list[Example] = field(default_factory=list)       # every row in file order (train file, then validation)
+
+
+class DataError(UserError):
+    """All error-level problems of a dataset. The message is the first problem on the first line,
+    then up to MAX_LISTED more, one per line: the CLI prints it after 'error: '."""
+
+    def __init__(self, problems: list[Problem], hint: str = ""):
+        self.problems = problems
+        lines = [str(p) for p in problems[:MAX_LISTED]]
+        if len(problems) > MAX_LISTED:
+            lines.append(f"... and {len(problems) - MAX_LISTED} more errors")
+        if len(problems) > 1 and hint:
+            lines.append(hint)
+        super().__init__("\n  ".join(lines))
 
 
 # ---------------------------------------------------------------- reading rows
-def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) for each row of a local file; malformed input raises UserError at its line."""
+def iter_rows(path: str) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield (where, row, None) per row, or (where, None, message) for what cannot be read. A bad
+    line of a .jsonl/.csv does not stop reading, so every one can be reported; a file-level problem
+    (empty, UTF-16, broken .json) is yielded with where = the path and ends the file."""
+    if path.startswith("hf:"):
+        yield from _hub_rows(path[3:])
+        return
     ext = os.path.splitext(path)[1].lower()
     if ext not in FILE_EXTS:
-        raise UserError(f"{path}: unsupported file type '{ext}'; use one of {', '.join(FILE_EXTS)}")
+        yield path, None, f"unsupported file type '{ext}'; use one of {', '.join(FILE_EXTS)}"
+        return
+    if os.path.getsize(path) == 0:
+        yield path, None, "the file is empty"
+        return
+    if ext == ".parquet":
+        yield from _parquet(path)
+        return
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        yield path, None, "the file is UTF-16 text; re-save it as UTF-8"
+        return
+    if ext == ".jsonl":
+        yield from _jsonl(path, raw)
+        return
     try:
-        if ext == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            yield f"{path}:{n}", json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise UserError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
-        elif ext == ".json":
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); "
-                                "a .json file must hold one list of rows (use .jsonl for one row per line)") from None
-            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-                data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
-            if not isinstance(data, list):
-                raise UserError(f"{path}: a .json file must hold a list of rows, got {type(data).__name__}")
-            for i, row in enumerate(data):
-                yield f"{path}: row {i + 1}", row
-        elif ext == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
-                for row in reader:
-                    if None in row:
-                        raise UserError(f"{path}:{reader.line_num}: more fields than the header has columns")
-                    yield f"{path}:{reader.line_num}", dict(row)
-        else:
-            import pyarrow.parquet as pq  # ships with `datasets`
-
-            try:
-                table = pq.read_table(path)
-            except Exception as err:  # pyarrow raises many types for corrupt files
-                raise UserError(f"{path}: not a readable Parquet file ({err})") from None
-            for i, row in enumerate(table.to_pylist()):
-                yield f"{path}: row {i + 1}", row
+        decoded = raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is harmless
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+        line = raw[: err.start].count(b"\n") + 1
+        yield f"{path}:{line}", None, f"not UTF-8 text (byte {err.start}); re-save the file as UTF-8"
+        return
+    yield from (_json(path, decoded) if ext == ".json" else _csv(path, decoded))
+
+
+def _jsonl(path: str, raw: bytes) -> Iterator[tuple[str, Any, str | None]]:
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}:{n}"
+        try:
+            s = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, None, f"not UTF-8 text (byte {err.start} of the line); re-save the file as UTF-8"
+            continue
+        s = s.lstrip("\ufeff") if n == 1 else s
+        if not s.strip():
+            continue
+        try:
+            yield where, json.loads(s), None
+        except json.JSONDecodeError as err:
+            if n == 1 and s.strip() in ("[", "{"):  # one pretty-printed document: every later line would fail too
+                yield where, None, ("not valid JSON: the file looks like one JSON document over many lines; "
+                                    "a .jsonl file needs one object per line (or name a JSON list .json)")
+                return
+            yield where, None, f"not valid JSON ({err.msg} at column {err.colno})"
+
+
+def _json(path: str, decoded: str) -> Iterator[tuple[str, Any, str | None]]:
+    try:
+        data = json.loads(decoded)
+    except json.JSONDecodeError as err:
+        yield (f"{path}:{err.lineno}", None, f"not valid JSON ({err.msg} at column {err.colno}); a .json file "
+               "must hold one list of rows (use .jsonl for one row per line)")
+        return
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list) \
+            and all(isinstance(r, dict) for r in next(iter(data.values()))):
+        data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
+    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
+            and len({len(v) for v in data.values()}) == 1:
+        data = [dict(zip(data, values)) for values in zip(*data.values())]  # columnar {"prompt": [...], ...}
+    if not isinstance(data, list):
+        yield path, None, f"a .json file must hold a list of rows, got {kind(data)}"
+        return
+    for i, row in enumerate(data):
+        yield f"{path}: row {i + 1}", row, None
+
+
+def _csv(path: str, decoded: str) -> Iterator[tuple[str, Any, str | None]]:
+    reader = csv.reader(io.StringIO(decoded, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        twice = next((h for h in header if header.count(h) > 1), None)
+        if twice is not None:
+            yield f"{path}:1", None, f"the header repeats column '{twice}'; rename one of them"
+            return
+        start = reader.line_num + 1
+        for record in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines
+            if not any(cell.strip() for cell in record):
+                continue
+            if len(record) != len(header):
+                fix = ("more", "quote fields that contain commas") if len(record) > len(header) else \
+                    ("fewer", "write an empty value as an empty field")
+                yield where, None, f"{len(record)} fields, {fix[0]} than the header's {len(header)} columns ({fix[1]})"
+                continue
+            yield where, dict(zip(header, record)), None
+    except csv.Error as err:
+        yield f"{path}:{reader.line_num}", None, f"not valid CSV ({err})"
+
+
+def _parquet(path: str) -> Iterator[tuple[str, Any, str | None]]:
+    import pyarrow.parquet as pq  # ships with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises many types for corrupt files
+        yield path, None, f"not a readable Parquet file ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})"
+        return
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i + 1}", row, None
+
+
+def _hub_rows(name: str) -> Iterator[tuple[str, Any, str | None]]:
+    """A Hugging Face dataset id through `datasets` (uses its cache; HF_HUB_OFFLINE=1 reads the cache only)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as err:  # network, missing dataset, offline cache miss: all end the same way for the user
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"DATASET={name}: not a local path and could not be loaded from the Hugging Face Hub "
+                        f"({reason}); pass a local .jsonl/.json/.csv/.parquet file") from None
+    for i, row in enumerate(ds):
+        yield f"{name}: row {i + 1}", row, None
+
+
+def read_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield (where, row); the first unreadable line raises UserError naming it."""
+    for where, row, problem in iter_rows(path):
+        if problem:
+            raise UserError(f"{where}: {problem}")
+        yield where, row
+
+
+def read_file(path: str, mapping: dict[str, str] | None = None,
+              map_where: str = "COLUMN_MAP") -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """Every readable row, renamed by `mapping`, plus a Problem for each line that could not be read."""
+    rows, problems, seen = [], [], set()
+    for where, row, message in iter_rows(path):
+        if message:
+            problems.append(Problem(where, message))
+            continue
+        seen.update(row if isinstance(row, dict) else ())
+        row, clash = rename(row, mapping or {})
+        if clash:
+            problems.append(Problem(where, clash))
+            continue
+        rows.append((where, row))
+    if not rows and not problems:
+        problems.append(Problem(path, "no rows found"))
+    for src in mapping or {}:
+        if rows and src not in seen:
+            problems.append(Problem(path, f"{map_where} maps '{src}', but no row has a '{src}' column "
+                                          f"(columns: {', '.join(columns(rows))})"))
+    return rows, problems
+
+
+def columns(rows: list[tuple[str, Any]]) -> list[str]:
+    """Column names across rows, in first-seen order."""
+    out: dict[str, None] = {}
+    for _, row in rows:
+        out.update(dict.fromkeys(map(str, row)) if isinstance(row, dict) else {})
+    return list(out)
 
 
 # ---------------------------------------------------------------- row -> Example
-def _messages(value: Any, where: str, key: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise UserError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
-        if msg["role"] not in ROLES:
-            raise UserError(f"{where}: {key}[{i}].role {msg['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(msg["content"], str):
-            raise UserError(f"{where}: {key}[{i}].content must be a string, got {type(msg['content']).__name__}")
-        out.append({"role": msg["role"], "content": msg["content"]})
-    return out
+def _unknown_shape(row: dict) -> str:
+    cols = [str(k) for k in row]
+    base = (f"{UNKNOWN_SHAPE} (columns: {', '.join(sorted(cols)) or 'none'}); expected 'messages', "
+            "'prompt'+'completion' or 'text'")
+    for need in FORMS["sft"]:
+        renames = suggest_map(cols, need)
+        if renames:
+            return f"{base}; map the columns: {map_flags(renames)}"
+    return base + " (rename columns, e.g. instruction->prompt, output->completion)"
 
 
-def _string(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing" if key not in row else ("empty" if isinstance(value, str) else type(value).__name__)
-        raise UserError(f"{where}: '{key}' must be a non-empty string (got {got})")
-    return value
+def check_row(row: Any, where: str) -> tuple[Example | None, list[Problem]]:
+    """Every problem of one row in any of the four SFT shapes; the Example when it has no error."""
+    if not isinstance(row, dict):
+        return None, [Problem(where, f"each row must be an object, got {kind(row)}")]
+    problems: list[Problem] = []
+    ex = None
+    if "messages" in row:
+        msgs = messages(row["messages"], where, "messages", problems)
+        if msgs is not None and not has_assistant(msgs):
+            problems.append(Problem(where, "'messages' has no non-empty assistant turn to learn from"))
+        elif msgs and msgs[-1]["role"] != "assistant":
+            problems.append(Problem(where, f"the last turn is '{msgs[-1]['role']}', not assistant, so it teaches "
+                                           "nothing; drop it", "warning"))
+        ex = Example(messages=msgs, where=where) if msgs else None
+    elif ("prompt" in row and "completion" in row) or ("text" not in row and ("prompt" in row or "completion" in row)):
+        ex = _prompt_completion(row, where, problems)
+    elif "text" in row:
+        value = text(row, "text", where, problems)
+        ex = Example(text=value, where=where) if value else None
+    else:
+        return None, [Problem(where, _unknown_shape(row))]
+    return (None if any(p.level == "error" for p in problems) else ex), problems
+
+
+def _prompt_completion(row: dict, where: str, problems: list[Problem]) -> Example | None:
+    lists = [isinstance(row.get(k), list) for k in ("prompt", "completion")]
+    if lists[0] != lists[1] and all(isinstance(row.get(k), (str, list)) for k in ("prompt", "completion")):
+        problems.append(Problem(where, "one of 'prompt'/'completion' is a list of messages and the other is text; "
+                                       "use two strings or two message lists"))
+        return None
+    if not any(lists):
+        prompt, completion = text(row, "prompt", where, problems), text(row, "completion", where, problems)
+        return Example(prompt=prompt, completion=completion, where=where) if prompt and completion else None
+    prompt = messages(row.get("prompt"), where, "prompt", problems, train_from=10**9)  # prompt turns never train
+    completion = messages(row.get("completion"), where, "completion", problems)
+    if completion is not None and not has_assistant(completion):
+        problems.append(Problem(where, "'completion' must contain a non-empty assistant message"))
+    return Example(messages=prompt + completion, train_from=len(prompt), where=where) if prompt and completion else None
 
 
 def to_example(row: Any, where: str) -> Example:
-    """Validate one row in any of the four SFT shapes and convert it to an Example."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: each row must be an object, got {type(row).__name__}")
-    if "messages" in row:
-        msgs = _messages(row["messages"], where, "messages")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            raise UserError(f"{where}: 'messages' has no non-empty assistant turn to learn from")
-        return Example(messages=msgs, where=where)
-    if "prompt" in row and "completion" in row:
-        if isinstance(row["prompt"], list) or isinstance(row["completion"], list):
-            prompt = _messages(row["prompt"], where, "prompt")
-            completion = _messages(row["completion"], where, "completion")
-            if not any(m["role"] == "assistant" for m in completion):
-                raise UserError(f"{where}: 'completion' must contain an assistant message")
-            return Example(messages=prompt + completion, train_from=len(prompt), where=where)
-        return Example(prompt=_string(row, "prompt", where), completion=_string(row, "completion", where), where=where)
-    if "text" in row:
-        return Example(text=_string(row, "text", where), where=where)
-    keys = ", ".join(sorted(map(str, row))) or "none"
-    raise UserError(f"{where}: unknown row shape (columns: {keys}); expected 'messages', 'prompt'+'completion' "
-                    "or 'text' (rename columns, e.g. instruction->prompt, output->completion)")
+    """Validate one row in any of the four SFT shapes and convert it to an Example (first error raises)."""
+    ex, problems = check_row(row, where)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise UserError(str(errors[0]))
+    return ex
 
 
-def load_file(path: str) -> list[Example]:
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: the file is empty")
-    rows = [to_example(row, where) for where, row in read_rows(path)]
-    if not rows:
-        raise UserError(f"{path}: no rows found")
-    shapes = {r.shape for r in rows}
-    if len(shapes) > 1:
-        first = next(r for r in rows if r.shape != rows[0].shape)
-        raise UserError(f"{first.where}: row shape '{first.shape}' differs from the first row's '{rows[0].shape}'; "
-                        "use one shape per file")
-    return rows
+def examples_from(rows: list[tuple[str, Any]]) -> tuple[list[Example], list[Problem]]:
+    """Check every row; a file whose first row has no SFT shape gets one problem, not one per row."""
+    examples, problems = [], []
+    for i, (where, row) in enumerate(rows):
+        ex, found = check_row(row, where)
+        if i == 0 and ex is None and found and found[0].message.startswith(UNKNOWN_SHAPE):
+            return [], found[:1]
+        problems += found
+        if ex is not None:
+            examples.append(ex)
+    odd = [e for e in examples if e.shape != examples[0].shape] if examples else []
+    if odd:
+        count = f" ({len(odd)} rows differ)" if len(odd) > 1 else ""
+        problems.append(Problem(odd[0].where, f"row shape '{odd[0].shape}' differs from the first row's "
+                                              f"'{examples[0].shape}'{count}; use one shape per file"))
+    return examples, problems
+
+
+def load_file(path: str, mapping: dict[str, str] | None = None) -> tuple[list[Example], list[Problem]]:
+    """(examples, problems) of one file; problems include errors, which `load` raises together."""
+    rows, problems = read_file(path, mapping)
+    examples, row_problems = examples_from(rows)
+    return examples, problems + row_problems
 
 
 # ---------------------------------------------------------------- dataset spec -> splits
@@ -170,43 +333,44 @@ def _split_files(directory: str) -> tuple[str | None, str | None]:
     return pick(("train",)), pick(("validation", "valid", "val", "eval", "test"))
 
 
-def load(spec: str, val_split: float, seed: int) -> Splits:
-    """`spec` is 'sample', a file, a directory with train.* (+ validation.*), or a Hugging Face dataset id."""
+def locate(spec: str, label: str | None = None) -> tuple[str, str | None, str]:
+    """(train source, validation source or None, description); sources are paths or 'hf:<id>'."""
+    label = label or f"DATASET={spec}"
     directory = SAMPLE_DIR if spec == "sample" else spec
     if os.path.isdir(directory):
         train_path, val_path = _split_files(directory)
         if train_path is None:
-            raise UserError(f"DATASET={spec}: directory has no train.jsonl/.json/.csv/.parquet")
-        train = load_file(train_path)
-        val = load_file(val_path) if val_path else None
-        source = directory
-    elif os.path.isfile(spec):
-        train, val, source = load_file(spec), None, spec
-    elif os.path.splitext(spec)[1].lower() in FILE_EXTS or spec.startswith((".", "/", "~")):
-        raise UserError(f"DATASET={spec}: file not found")
-    else:
-        train, val, source = _load_hub(spec), None, f"hf:{spec}"
+            raise UserError(f"{label}: directory has no train.jsonl/.json/.csv/.parquet")
+        return train_path, val_path, directory
+    if os.path.isfile(spec):
+        return spec, None, spec
+    if os.path.splitext(spec)[1].lower() in FILE_EXTS or spec.startswith((".", "/", "~")):
+        raise UserError(f"{label}: file not found")
+    return f"hf:{spec}", None, f"hf:{spec}"
+
+
+def load(spec: str, val_split: float, seed: int, column_map: str | dict | None = None) -> Splits:
+    """`spec` is 'sample', a file, a directory with train.* (+ validation.*), or a Hugging Face dataset id.
+    Every row is checked; all errors (of both files) are raised together as one DataError."""
+    mapping = parse_column_map(column_map)
+    train_src, val_src, source = locate(spec)
+    train, problems = load_file(train_src, mapping)
+    val = None
+    if val_src:
+        val, val_problems = load_file(val_src, mapping)
+        problems += val_problems
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise DataError(errors, f"(`finetune check-data {spec}` reports every problem)")
+    warnings = [p for p in problems if p.level == "warning"]
     if val is not None:
         if train[0].shape != val[0].shape:
             raise UserError(f"{val[0].where}: validation shape '{val[0].shape}' differs from train '{train[0].shape}'")
-        return Splits(train, val, source, train[0].shape)
+        return Splits(train, val, source, train[0].shape, warnings=warnings, rows=train + val)
     if len(train) < 2:
         raise UserError(f"DATASET={spec}: needs at least 2 rows to hold one out for evaluation, found {len(train)}")
     rows = list(train)
     random.Random(seed).shuffle(rows)
     n_val = max(1, min(len(rows) - 1, round(len(rows) * val_split)))
     return Splits(rows[n_val:], rows[:n_val], source, rows[0].shape,
-                  validation_source=f"carved {n_val} rows ({val_split:.0%}, seed {seed})")
-
-
-def _load_hub(name: str) -> list[Example]:
-    """A Hugging Face dataset id through `datasets` (uses its cache; HF_HUB_OFFLINE=1 reads the cache only)."""
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as err:  # network, missing dataset, offline cache miss: all end the same way for the user
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise UserError(f"DATASET={name}: not a local path and could not be loaded from the Hugging Face Hub "
-                        f"({reason}); pass a local .jsonl/.json/.csv/.parquet file") from None
-    return [to_example(row, f"{name}: row {i + 1}") for i, row in enumerate(ds)]
+                  validation_source=f"carved {n_val} rows ({val_split:.0%}, seed {seed})", warnings=warnings, rows=train)

@@ -19,7 +19,9 @@ GB = 2**30
 
 # ---- Constants, in one place. Rough by design; run.json records the measured peak and speed. ----
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-NF4_BYTES = 0.5625      # bitsandbytes NF4: 4 bits/weight + one fp32 absmax per 64-weight block
+NF4_BYTES = 0.5625      # bitsandbytes NF4: 4 bits/weight + one fp32 absmax per 64-weight block;
+#                         MLX affine 4-bit, group 64: 4 bits + a 16-bit scale and bias per group, the same 0.5625
+QUANT_DEVICES = {"cuda": "bitsandbytes NF4", "mlx": "MLX affine, group 64"}  # where QLoRA exists
 LORA_BYTES = 4          # PEFT keeps adapter weights in fp32
 ADAM_BYTES = 12         # per trainable param: fp32 grad + AdamW exp_avg + exp_avg_sq
 LOGIT_BYTES = 4 * 2     # fp32 logits (the loss upcasts) + their gradient
@@ -47,7 +49,8 @@ CUDA_FP32_FACTOR = 0.25       # fp32 skips the tensor cores (unless TF32 is on)
 APPLE_PEAK = 10e12            # an M-series Max GPU; scaled by tier below
 APPLE_TIER = (("Ultra", 2.0), ("Max", 1.0), ("Pro", 0.5))
 APPLE_TIER_BASE = 0.3
-CPU_PEAK_PER_CORE = {"amx": 1.0e12, "avx512_bf16": 0.2e12, "fp32": 0.14e12}  # avx512_bf16: measured, 2-core VM
+CPU_PEAK_PER_CORE = {"amx": 1.0e12, "avx512_bf16": 0.2e12, "fp32": 0.14e12,  # avx512_bf16: measured, 2-core VM
+                     "mlx_cpu": 2.5e9}  # mlx[cpu] 0.32, 1024x1024 fp32 matmul: 5 GFLOP/s on 2 cores (torch: 128)
 EFFICIENCY_GPU, EFFICIENCY_CPU = 0.35, 0.25
 
 
@@ -158,7 +161,10 @@ def pick_dtype(hw: Hardware, device: str, cfg_dtype: str) -> tuple[str, str]:
             return "fp32", f"dtype fp32: {hw.chip} has no native bf16 on the GPU"
         return "bf16", f"dtype bf16: {hw.chip} GPU supports bf16"
     if device == "mlx":
-        return "bf16", "dtype bf16: MLX trains in bf16"
+        if hw.apple_silicon or hw.mlx_device == "gpu":
+            return "bf16", "dtype bf16: MLX trains in bf16 on the GPU"
+        # mlx[cpu] (Linux) has no faster bf16 matmul than fp32 (measured: equal GFLOP/s), so bf16 only costs precision
+        return "fp32", "dtype fp32: MLX runs on the CPU here (mlx[cpu]), where bf16 is no faster than fp32"
     if hw.cpu_bf16:
         return "bf16", "dtype bf16: the CPU has bf16 instructions (AMX or AVX-512-BF16)"
     return "fp32", "dtype fp32: the CPU has no bf16 instructions, so bf16 would be emulated (slow)"
@@ -166,14 +172,16 @@ def pick_dtype(hw: Hardware, device: str, cfg_dtype: str) -> tuple[str, str]:
 
 def _peak_flops(hw: Hardware, device: str, dtype: str) -> tuple[float, float]:
     """(peak FLOP/s, efficiency)."""
-    if device == "cuda":
+    if device == "cuda" or (device == "mlx" and hw.mlx_device == "gpu" and hw.cuda_devices):  # + mlx-cuda
         name = hw.cuda_devices[0].name if hw.cuda_devices else ""
         peak = next((p for pat, p in CUDA_PEAK if re.search(pat, name)), CUDA_PEAK_FALLBACK)
         return peak * (CUDA_FP32_FACTOR if dtype == "fp32" else 1.0), EFFICIENCY_GPU
     if _unified(hw, device):
         tier = next((t for word, t in APPLE_TIER if word in hw.chip), APPLE_TIER_BASE)
         return APPLE_PEAK * tier, EFFICIENCY_GPU
-    if dtype == "bf16" and "amx_bf16" in hw.cpu_features:
+    if device == "mlx":  # mlx[cpu]: its own CPU matmul, far below the BLAS torch uses
+        per_core = CPU_PEAK_PER_CORE["mlx_cpu"]
+    elif dtype == "bf16" and "amx_bf16" in hw.cpu_features:
         per_core = CPU_PEAK_PER_CORE["amx"]
     elif dtype == "bf16" and hw.cpu_bf16:
         per_core = CPU_PEAK_PER_CORE["avx512_bf16"]
@@ -214,16 +222,16 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     if cfg.quantize != "auto":
         quant = cfg.quantize
         reasons.append(f"quantize {quant}: set by you")
-        if quant == "4bit" and device != "cuda":
-            reasons.append(f"warning: 4-bit (bitsandbytes) needs CUDA; device {device} may reject it")
-    elif device == "cuda" and peak(smallest, lean_ckpt, "none") > budget:
+        if quant == "4bit" and device not in QUANT_DEVICES:
+            reasons.append(f"warning: 4-bit needs CUDA (bitsandbytes) or MLX; device {device} may reject it")
+    elif device in QUANT_DEVICES and peak(smallest, lean_ckpt, "none") > budget:
         quant = "4bit"
-        reasons.append(f"quantize 4bit: {dtype} weights need {peak(smallest, lean_ckpt, 'none'):.1f} GB at "
-                       f"batch {smallest}, over the {budget:.1f} GB budget")
+        reasons.append(f"quantize 4bit ({QUANT_DEVICES[device]}): {dtype} weights need "
+                       f"{peak(smallest, lean_ckpt, 'none'):.1f} GB at batch {smallest}, over the {budget:.1f} GB budget")
     else:
         quant = "none"
-        reasons.append("quantize none: " + (f"{dtype} weights fit" if device == "cuda" else
-                                            f"4-bit is CUDA-only (bitsandbytes); device is {device}"))
+        reasons.append("quantize none: " + (f"{dtype} weights fit" if device in QUANT_DEVICES else
+                                            f"4-bit needs CUDA (bitsandbytes) or MLX; device is {device}"))
 
     # Batch: largest candidate that fits in the leanest setting. Checkpointing never adds memory,
     # so more memory can only grow the batch (monotonic by construction).

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 
 TINY_MODEL_NAME = "finetune/tiny-qwen2"
-VERSION = 1  # bump when anything below changes the built files, so stale caches are not reused
+VERSION = 2  # bump when anything below changes the built files, so stale caches are not reused
 DIR_NAME = f"tiny-qwen2-v{VERSION}"
 
 VOCAB_SIZE = 1024
@@ -141,10 +141,24 @@ def _build(directory: str) -> None:
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
+    _add_legacy_rope_theta(os.path.join(directory, "config.json"))
     # mkdtemp (and the shard writer) create owner-only modes; a shared cache should be readable by all.
     os.chmod(directory, 0o755)
     for f in os.listdir(directory):
         os.chmod(os.path.join(directory, f), 0o644)
+
+
+def _add_legacy_rope_theta(config_path: str) -> None:
+    """transformers 5 writes rope_theta only inside `rope_parameters`; mlx-lm (0.32) reads the top-level
+    key and would otherwise use its own default theta, i.e. run a different model than PyTorch does."""
+    import json
+
+    with open(config_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    with open(config_path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def ensure(cache: str | None = None) -> str:

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, replace
 
 import backends
-from finetune import __version__, data, hardware, models, outputs, plan as planner
+from finetune import __version__, check_data, data, hardware, models, outputs, plan as planner
 from finetune.config import Config, env_name
 from finetune.errors import UserError
 from finetune.evaluate import evaluate
@@ -53,8 +53,9 @@ def _versions(hw: hardware.Hardware) -> dict[str, str]:
 def _check_combination(cfg: Config, plan: planner.Plan, splits: data.Splits, tokenizer) -> None:
     if plan.dtype == "fp16" and plan.device != "cuda":
         raise UserError(f"DTYPE=fp16 needs a CUDA GPU (this run uses {plan.device}); use DTYPE=bf16 or fp32")
-    if plan.quantize == "4bit" and plan.device != "cuda":
-        raise UserError(f"QUANTIZE=4bit (bitsandbytes) needs a CUDA GPU (this run uses {plan.device}); use QUANTIZE=none")
+    if plan.quantize == "4bit" and plan.device not in ("cuda", "mlx"):
+        raise UserError(f"QUANTIZE=4bit needs a CUDA GPU (bitsandbytes) or the MLX backend (this run uses {plan.device}); "
+                        "use QUANTIZE=none")
     if cfg.report_to == "trackio":
         import importlib.util
 
@@ -69,13 +70,16 @@ def _check_combination(cfg: Config, plan: planner.Plan, splits: data.Splits, tok
 def run(cfg: Config, sources: dict[str, str]) -> int:
     t0 = time.perf_counter()
     hw = hardware.detect()
-    splits = data.load(cfg.dataset, cfg.val_split, cfg.seed)          # malformed data fails here, fast
+    # every row is checked (errors stop here, all listed, before any model loads); same checks as check-data
+    splits = data.load(cfg.dataset, cfg.val_split, cfg.seed, column_map=cfg.column_map)
+    data_warnings = check_data.check_splits(splits)
     model, fallback = models.resolve(cfg.model, user_named_it=sources["model"] != "default")
     if fallback:
         print(banner(fallback))
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     tokenizer = models.load_tokenizer(model)
     train_enc, warnings = encode_all(splits.train, tokenizer, cfg.max_seq_length)
+    warnings = data_warnings + warnings + check_data.template_warnings(splits.train, tokenizer)
     val_rows = splits.validation[: cfg.eval_rows]
     val_enc, val_warnings = encode_all(val_rows, tokenizer, cfg.max_seq_length)
     warnings += [f"validation: {w}" for w in val_warnings]
@@ -134,7 +138,7 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
                   result={**asdict(result), "predicted_peak_gb": plan.predicted_peak_gb,
                           "predicted_seconds": plan.est_seconds, "total_seconds": time.perf_counter() - t0},
                   evaluation={"before": before.to_dict(), "after": after.to_dict()},
-                  adapter_files=[os.path.basename(f) for f in files])
+                  adapter_files=[os.path.relpath(f, run_dir) for f in files])
     outputs.write_json(run_json, record)
     outputs.plot_loss(progress.records, os.path.join(run_dir, "loss.png"), f"{run_name} ({model.name})")
     outputs.write_report(os.path.join(run_dir, "report.md"), record, before.to_dict(), after.to_dict())

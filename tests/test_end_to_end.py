@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from finetune import tiny
 from tests.conftest import ROOT, run_cli
 
 OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run.json", "metrics.jsonl",
@@ -76,7 +77,7 @@ def test_adapter_loads_with_plain_peft_and_changes_logits(default_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _, cache = default_run
-    base_path = os.path.join(cache, "tiny-qwen2-v1")
+    base_path = os.path.join(cache, tiny.DIR_NAME)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Maria lives in Lisbon", return_tensors="pt")["input_ids"]
     base = AutoModelForCausalLM.from_pretrained(base_path)
@@ -116,9 +117,17 @@ def test_report_to_trackio_logs_locally(run_env, tmp_path):
 
     trackio_dir = tmp_path / "trackio"
     env = {**run_env, "REPORT_TO": "trackio", "TRACKIO_DIR": str(trackio_dir), "MODEL": "finetune/tiny-qwen2",
-           "MAX_STEPS": "4", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "4", "OUTPUT_DIR": str(tmp_path / "r")}
+           "MAX_STEPS": "4", "LOGGING_STEPS": "1", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "4",
+           "OUTPUT_DIR": str(tmp_path / "r")}
     result = run_cli([], env)
     assert result.returncode == 0, result.stderr[-2000:]
     db = sqlite3.connect(trackio_dir / "finetune.db")
-    logged = [row[0] for row in db.execute("select metrics from metrics")]
-    assert any(b"train/loss" in m for m in logged) and any(b"eval/loss" in m for m in logged)
+    logged = [str(row[0]) for row in db.execute("select metrics from metrics")]
+    assert any('"train/loss"' in m for m in logged) and any('"eval/loss"' in m for m in logged)
+
+
+def test_hub_dataset_that_cannot_be_loaded_is_a_clear_error(run_env, tmp_path):
+    result = run_cli(["--dry-run"], {**run_env, "DATASET": "someone/no-such-dataset", "MODEL": "finetune/tiny-qwen2"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: DATASET=someone/no-such-dataset: not a local path and could not be loaded")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -15,9 +15,10 @@ from finetune.hardware import CudaDevice, Hardware
 from finetune.models import info_from_config
 
 
-def mac(chip: str, ram: float) -> Hardware:
+def mac(chip: str, ram: float, mlx: bool = False) -> Hardware:
     return Hardware(os="Darwin", arch="arm64", chip=chip, ram_total_gb=ram, ram_available_gb=ram * 0.5,
-                    swap_total_gb=0, disk_free_gb=200, cpu_cores=8, mps_available=True)
+                    swap_total_gb=0, disk_free_gb=200, cpu_cores=8, mps_available=True, mlx_available=mlx,
+                    mlx_device="gpu" if mlx else None)
 
 
 def linux(ram: float, cores: int = 8, features=(), gpus=(), available: float | None = None) -> Hardware:
@@ -34,6 +35,9 @@ MACHINES = {
     "m1-8": (mac("Apple M1", 8), "mps"),
     "m2-16": (mac("Apple M2", 16), "mps"),
     "m3max-64": (mac("Apple M3 Max", 64), "mps"),
+    "m1-8-mlx": (mac("Apple M1", 8, mlx=True), "mlx"),
+    "m2-16-mlx": (mac("Apple M2", 16, mlx=True), "mlx"),
+    "m3max-64-mlx": (mac("Apple M3 Max", 64, mlx=True), "mlx"),
     "rtx4090-24": (linux(64, gpus=[RTX4090]), "cuda"),
     "t4-16": (linux(16, gpus=[T4]), "cuda"),
     "cpu-8": (linux(8, cores=4, available=6), "cpu"),
@@ -117,10 +121,10 @@ def test_7b_on_cuda_quantizes_only_when_needed():
     assert make("t4-16", "0.5B").quantize == "none"
 
 
-def test_4bit_never_chosen_off_cuda():
+def test_4bit_only_chosen_on_cuda_and_mlx():
     for machine, model in ALL:
         result = outcome(machine, model)
-        if isinstance(result, plan.Plan) and result.device != "cuda":
+        if isinstance(result, plan.Plan) and result.device not in ("cuda", "mlx"):
             assert result.quantize == "none"
 
 
@@ -309,3 +313,73 @@ def test_plan_is_a_dataclass_with_the_agreed_fields():
                      "eval_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
                      "est_tokens_per_s", "reasons"]
+
+
+# ---- MLX: unified memory on Apple silicon, 4-bit QLoRA with MLX's own quantization, fp32 on mlx[cpu]
+def test_mlx_on_apple_budgets_unified_memory_like_mps():
+    for machine in ("m1-8", "m2-16", "m3max-64"):
+        assert plan.memory_budget(*MACHINES[machine + "-mlx"]) == plan.memory_budget(*MACHINES[machine])
+    p = make("m2-16-mlx", "0.5B")
+    assert (p.backend, p.device, p.memory_kind, p.dtype) == ("mlx", "mlx", "unified", "bf16")
+    assert p.breakdown_gb["overhead"] == plan.OVERHEAD_GB["mlx"]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_mlx_quantizes_exactly_when_16bit_does_not_fit(model):
+    for machine in ("m1-8-mlx", "m2-16-mlx", "m3max-64-mlx"):
+        result = outcome(machine, model)
+        if isinstance(result, UserError):
+            continue
+        needs = plan.estimate_memory(MODELS[model], 1, 1024, True, result.dtype, "none", 16, "mlx")["total"]
+        assert (result.quantize == "4bit") == (needs > result.budget_gb), (machine, model)
+        if result.quantize == "4bit":
+            assert any(r.startswith("quantize 4bit (MLX affine") for r in result.reasons)
+
+
+def test_mlx_4bit_fits_what_16bit_cannot():
+    # 7B on a 16 GB Mac: 16-bit does not fit (mps fails), MLX plans QLoRA instead
+    assert isinstance(outcome("m2-16", "7B"), UserError)
+    p = make("m2-16-mlx", "7B")
+    assert p.quantize == "4bit" and p.predicted_peak_gb <= p.budget_gb
+    assert make("m3max-64-mlx", "7B").quantize == "none"
+    assert make("m2-16-mlx", "0.5B").quantize == "none"
+
+
+def test_mlx_plan_is_monotonic_in_unified_memory():
+    quants, last = [], 0
+    for ram in range(8, 193, 8):
+        hw = mac("Apple M2 Max", ram, mlx=True)
+        try:
+            p = plan.make(Config(), hw, MODELS["7B"], "mlx", "mlx", ROWS, MEAN_TOKENS)
+        except UserError:
+            assert not quants, f"7B fit with less than {ram} GB but not with {ram}"
+            continue
+        quants.append(p.quantize)
+        if len(quants) > 1 and quants[-2] == p.quantize:
+            assert p.batch_size >= last
+        last = p.batch_size
+    assert quants == sorted(quants) and quants[0] == "4bit" and quants[-1] == "none"
+
+
+def test_user_4bit_is_no_warning_on_mlx_but_is_elsewhere():
+    p = make("m2-16-mlx", "0.5B", quantize="4bit")
+    assert p.quantize == "4bit" and not any(r.startswith("warning") for r in p.reasons)
+    cpu = make("cpu-8", "0.5B", quantize="4bit")
+    assert any(r.startswith("warning: 4-bit needs CUDA (bitsandbytes) or MLX") for r in cpu.reasons)
+
+
+def test_mlx_dtype_bf16_on_the_gpu_fp32_on_mlx_cpu():
+    assert plan.pick_dtype(mac("Apple M1", 8, mlx=True), "mlx", "auto")[0] == "bf16"
+    mlx_cpu = dataclasses.replace(linux(24), mlx_available=True, mlx_device="cpu")
+    dtype, why = plan.pick_dtype(mlx_cpu, "mlx", "auto")
+    assert dtype == "fp32" and "mlx[cpu]" in why and "no faster" in why
+    mlx_cuda = dataclasses.replace(linux(64, gpus=[RTX4090]), mlx_available=True, mlx_device="gpu")
+    assert plan.pick_dtype(mlx_cuda, "mlx", "auto")[0] == "bf16"
+    assert plan.pick_dtype(mlx_cpu, "mlx", "bf16") == ("bf16", "dtype bf16: set by you")
+
+
+def test_mlx_cpu_time_estimate_uses_its_slower_matmul():
+    hw = dataclasses.replace(MACHINES["this-machine"][0], mlx_available=True, mlx_device="cpu")
+    mlx_cpu = plan.make(Config(), hw, MODELS["0.5B"], "mlx", "mlx", ROWS, MEAN_TOKENS)
+    torch_cpu = plan.make(Config(), hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
+    assert mlx_cpu.est_tokens_per_s < torch_cpu.est_tokens_per_s / 10

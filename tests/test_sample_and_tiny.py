@@ -149,8 +149,8 @@ def test_ensure_builds_loadable_model(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache, path = built
-    assert path == os.path.join(cache, "tiny-qwen2-v1")
-    assert sorted(os.listdir(cache)) == ["tiny-qwen2-v1"]  # no temp dirs left behind
+    assert path == os.path.join(cache, tiny.DIR_NAME)
+    assert sorted(os.listdir(cache)) == [tiny.DIR_NAME]  # no temp dirs left behind
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -244,3 +244,9 @@ def test_builds_are_deterministic(built, tmp_path):
     for name in ("tokenizer.json", "config.json", "generation_config.json"):
         with open(os.path.join(built[1], name), "rb") as f, open(os.path.join(other, name), "rb") as g:
             assert f.read() == g.read(), name
+
+
+def test_tiny_config_carries_top_level_rope_theta_for_mlx_lm(tiny_model):
+    # mlx-lm reads only the top-level key; without it a bare mlx_lm.load runs a different model
+    config = json.load(open(os.path.join(tiny_model, "config.json")))
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0

@@ -1,0 +1,38 @@
+"""The command line: doctor (text and --json), defaults to train, flags parsed like env vars."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+from tests.conftest import ROOT, run_cli
+
+
+def test_doctor_json_reports_machine_and_choice(run_env):
+    start = time.perf_counter()
+    result = run_cli(["doctor", "--json"], run_env)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["hardware"]["cpu_cores"] >= 1 and report["hardware"]["ram_total_gb"] > 0
+    assert report["backends"]["torch"] == "usable"
+    assert report["choice"]["backend"] in report["backends"] and report["choice"]["why"]
+    assert elapsed < 10  # generous bound for a loaded CI box; the detector itself is ~0.1 s
+
+
+def test_doctor_text_says_which_backend_and_why(run_env):
+    result = run_cli(["doctor"], run_env)
+    assert result.returncode == 0
+    assert "RAM:" in result.stdout and "Would train with:" in result.stdout and "chosen" in result.stdout
+
+
+def test_bad_flag_value_exit_2_no_traceback(run_env):
+    result = run_cli(["--batch-size", "0", "--dry-run"], run_env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --batch-size='0' is not valid: expected >= 1"
+
+
+def test_run_sh_passes_commands_through(run_env):
+    result = subprocess.run([f"{ROOT}/run.sh", "doctor", "--json"], env=run_env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "hardware" in json.loads(result.stdout)

@@ -1,0 +1,104 @@
+"""Torch backend config logic, unit-tested on CPU; the CUDA paths themselves are marked `gpu`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backends import select
+from backends.torch_backend import BACKEND, lora_kwargs, model_load_kwargs, trainer_kwargs
+from finetune.config import Config
+from finetune.hardware import CudaDevice, Hardware
+from finetune.models import info_from_config
+from finetune.plan import Plan
+
+HAS_CUDA = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0 if any(
+    os.access(os.path.join(p, "nvidia-smi"), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep)) else False
+
+
+def hw(**kw) -> Hardware:
+    base = dict(os="Linux", arch="x86_64", chip="cpu", ram_total_gb=32, ram_available_gb=30, swap_total_gb=0,
+                disk_free_gb=100, cpu_cores=8, packages={"torch": "2.13.0"})
+    return Hardware(**{**base, **kw})
+
+
+def plan(**kw) -> Plan:
+    base = dict(backend="torch", device="cpu", method="sft", batch_size=4, grad_accum=4, max_seq_length=512,
+                max_steps=100, eval_steps=20, gradient_checkpointing=False, dtype="fp32", quantize="none",
+                memory_kind="ram", memory_total_gb=32, budget_gb=24, predicted_peak_gb=2)
+    return Plan(**{**base, **kw})
+
+
+def test_device_follows_hardware():
+    assert BACKEND.device(hw()) == "cpu"
+    assert BACKEND.device(hw(os="Darwin", arch="arm64", mps_available=True)) == "mps"
+    assert BACKEND.device(hw(cuda_devices=[CudaDevice("NVIDIA L4", 22, "8.9", True)])) == "cuda"
+
+
+def test_unavailable_without_torch_and_auto_skips_it():
+    assert "not installed" in BACKEND.available(hw(packages={}))
+    with pytest.raises(Exception, match="no backend can run here"):
+        select("auto", hw(packages={}), None, "sft")
+
+
+def test_apple_without_mlx_falls_back_to_torch_mps():
+    apple = hw(os="Darwin", arch="arm64", chip="Apple M2", mps_available=True, mlx_available=False)
+    model = info_from_config("m", None, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              vocab_size=100, model_type="qwen2"))
+    backend, why = select("auto", apple, model, "sft")
+    assert backend.name == "torch" and backend.device(apple) == "mps"
+    assert why[-1].startswith("torch: chosen")
+
+
+def test_4bit_plan_builds_nf4_quantization_config():
+    import torch
+
+    kwargs = model_load_kwargs(plan(device="cuda", dtype="bf16", quantize="4bit"))
+    q = kwargs["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == {"": 0}
+    assert model_load_kwargs(plan(dtype="fp32")) == {"dtype": torch.float32}
+
+
+@pytest.mark.parametrize("dtype,device,ckpt", [("bf16", "cuda", True), ("fp16", "cuda", False), ("fp32", "cpu", False),
+                                               ("bf16", "cpu", True)])
+def test_trainer_args_follow_the_plan(dtype, device, ckpt):
+    cfg = Config(learning_rate=1e-4, report_to="trackio", run_name="r1", seed=7)
+    kw = trainer_kwargs(cfg, plan(dtype=dtype, device=device, gradient_checkpointing=ckpt))
+    assert (kw["bf16"], kw["fp16"]) == (dtype == "bf16", dtype == "fp16")
+    assert kw["use_cpu"] == (device == "cpu") and kw["gradient_checkpointing"] == ckpt
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["max_steps"]) == (4, 4, 100)
+    assert kw["warmup_steps"] == 5 and kw["report_to"] == ["trackio"] and kw["run_name"] == "r1" and kw["seed"] == 7
+    assert kw["dataset_kwargs"] == {"skip_prepare_dataset": True} and kw["save_strategy"] == "no"
+
+
+def test_lora_kwargs_and_dora():
+    assert lora_kwargs(Config(lora_r=8, lora_alpha=16, lora_type="dora")) == {
+        "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "use_dora": True, "target_modules": "all-linear",
+        "task_type": "CAUSAL_LM"}
+
+
+def test_dora_trains_on_cpu(run_env, tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "dora"
+    result = run_cli([], {**run_env, "MODEL": "finetune/tiny-qwen2", "LORA_TYPE": "dora", "MAX_STEPS": "3",
+                          "EVAL_GENERATIONS": "0", "EVAL_ROWS": "4", "OUTPUT_DIR": str(out)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "np") as fh:
+        assert any("lora_magnitude_vector" in k for k in fh.keys())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+def test_qlora_4bit_trains_on_cuda(run_env, tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli([], {**run_env, "MODEL": "finetune/tiny-qwen2", "QUANTIZE": "4bit", "MAX_STEPS": "3",
+                          "EVAL_GENERATIONS": "1", "OUTPUT_DIR": str(tmp_path / "q")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "q" / "adapter_model.safetensors").exists()
