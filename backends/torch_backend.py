@@ -10,12 +10,16 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from typing import Callable
 
 from backends import TrainResult
 from finetune.template import IGNORE
 
 SUPPORTED_METHODS = ("sft",)
+# TRL/PEFT still call transformers' renamed `*gradient_checkpointing*` APIs; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated and will be removed in v6",
+                        category=FutureWarning)
 
 
 def _torch():
@@ -79,7 +83,7 @@ def trainer_kwargs(cfg, plan) -> dict:
         save_strategy="no", report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         run_name=cfg.run_name, project="finetune", trackio_static_space_id=False,  # Trackio: local only
         seed=cfg.seed, data_seed=cfg.seed, bf16=plan.dtype == "bf16", fp16=plan.dtype == "fp16",
-        use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
+        use_cpu=plan.device == "cpu", activation_checkpointing=plan.gradient_checkpointing,  # transformers 5 name
         max_length=plan.max_seq_length, dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
         remove_unused_columns=False,

@@ -191,23 +191,28 @@ def _peak_flops(hw: Hardware, device: str, dtype: str) -> tuple[float, float]:
 
 
 def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str, total: float,
-            dtype: str, quant: str, ckpt: bool) -> UserError:
+            dtype: str, quant: str, ckpt: bool, seq: int) -> UserError:
     fixed = [n for n, v in (("DTYPE", cfg.dtype), ("QUANTIZE", cfg.quantize),
                             ("GRADIENT_CHECKPOINTING", cfg.gradient_checkpointing)) if v != "auto"]
     also = f", or set {'/'.join(fixed)} back to auto" if fixed else ""
     setup = f"{dtype}{', 4-bit' if quant == '4bit' else ''}, checkpointing {'on' if ckpt else 'off'}"
     return UserError(
-        f"{model.name} does not fit: predicted {peak:.1f} GB at batch 1 (MAX_SEQ_LENGTH={cfg.max_seq_length}, "
+        f"{model.name} does not fit: predicted {peak:.1f} GB at batch 1 (rows of {seq} tokens, MAX_SEQ_LENGTH={cfg.max_seq_length}, "
         f"{setup}) vs a budget of {budget:.1f} GB of {total:.0f} GB {KIND_LABEL[kind]}; lower MAX_SEQ_LENGTH, "
         f"pick a smaller MODEL, or use a machine with more memory{also}")
 
 
 def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
-         n_train_rows: int, mean_tokens: float) -> Plan:
-    """Fill the auto fields of `cfg` for this machine; user-set values are kept as given."""
-    seq = cfg.max_seq_length
+         n_train_rows: int, mean_tokens: float, max_tokens: int | None = None) -> Plan:
+    """Fill the auto fields of `cfg` for this machine; user-set values are kept as given.
+    `max_tokens` (the longest encoded row) lets memory be planned for the data actually present:
+    batches are padded to their longest row, never to MAX_SEQ_LENGTH."""
+    seq = min(cfg.max_seq_length, max_tokens) if max_tokens else cfg.max_seq_length
     dtype, why = pick_dtype(hw, device, cfg.dtype)
     reasons = [why]
+    if seq < cfg.max_seq_length:
+        reasons.append(f"memory planned for the longest row, {seq} tokens (MAX_SEQ_LENGTH={cfg.max_seq_length} "
+                       "only truncates; batches are padded to their longest row)")
     kind, total, budget = memory_budget(hw, device)
     reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}")
 
@@ -242,7 +247,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         cap = max(1, min(TARGET_EFFECTIVE_BATCH, n_train_rows))
         fitting = [b for b in BATCH_CANDIDATES if b <= cap and peak(b, lean_ckpt, quant) <= budget]
         if not fitting:
-            raise _no_fit(cfg, model, peak(1, lean_ckpt, quant), budget, kind, total, dtype, quant, lean_ckpt)
+            raise _no_fit(cfg, model, peak(1, lean_ckpt, quant), budget, kind, total, dtype, quant, lean_ckpt, seq)
         batch = fitting[-1]
         bigger = [b for b in BATCH_CANDIDATES if b > batch]
         limit = ("the target" if not bigger else "the training rows" if bigger[0] > cap else "memory")
@@ -290,7 +295,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                    f"(rough table; run.json records the measured tokens/s)")
 
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
-                max_seq_length=seq, max_steps=max_steps, eval_steps=eval_steps, gradient_checkpointing=ckpt,
+                max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, gradient_checkpointing=ckpt,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=tokens / tokens_per_s,
                 est_tokens_per_s=tokens_per_s, reasons=reasons)

@@ -86,7 +86,8 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
     if not train_enc or not val_enc:
         raise UserError(f"DATASET={cfg.dataset}: no row keeps a trained token within MAX_SEQ_LENGTH={cfg.max_seq_length}")
     mean_tokens = sum(len(r.input_ids) for r in train_enc) / len(train_enc)
-    plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(train_enc), mean_tokens)
+    longest = max(len(r.input_ids) for r in train_enc + val_enc)
+    plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(train_enc), mean_tokens, longest)
     _check_combination(cfg, plan, splits, tokenizer)
     settings = resolved_settings(cfg, sources, plan)
 

@@ -317,7 +317,9 @@ def test_doctor_reports_mlx_and_its_device(run_env):
 
 
 def test_transformers5_rope_parameters_reach_mlx_lm(tmp_path, tiny_model):
-    assert model_config_overrides(tiny_model) == {"rope_theta": 10000.0}  # tiny.py's config.json: rope_parameters only
+    assert model_config_overrides(tiny_model) == {}  # tiny.py writes the top-level key as well
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}))
+    assert model_config_overrides(str(tmp_path)) == {"rope_theta": 1e4}  # what transformers 5 writes
     (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 5e5, "rope_parameters": {"rope_theta": 5e5}}))
     assert model_config_overrides(str(tmp_path)) == {}
     (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}))

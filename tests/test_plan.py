@@ -383,3 +383,14 @@ def test_mlx_cpu_time_estimate_uses_its_slower_matmul():
     mlx_cpu = plan.make(Config(), hw, MODELS["0.5B"], "mlx", "mlx", ROWS, MEAN_TOKENS)
     torch_cpu = plan.make(Config(), hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
     assert mlx_cpu.est_tokens_per_s < torch_cpu.est_tokens_per_s / 10
+
+
+def test_memory_is_planned_for_the_longest_row_not_max_seq_length():
+    hw, device = MACHINES["m2-16"]
+    full = plan.make(Config(), hw, MODELS["3B"], "torch", device, ROWS, MEAN_TOKENS)
+    short = plan.make(Config(), hw, MODELS["3B"], "torch", device, ROWS, MEAN_TOKENS, max_tokens=256)
+    assert short.predicted_peak_gb < full.predicted_peak_gb and short.batch_size >= full.batch_size
+    assert short.max_seq_length == 1024  # truncation length is unchanged
+    assert any("longest row, 256 tokens" in r for r in short.reasons)
+    longer = plan.make(Config(), hw, MODELS["3B"], "torch", device, ROWS, MEAN_TOKENS, max_tokens=4096)
+    assert longer.predicted_peak_gb == full.predicted_peak_gb  # never planned beyond MAX_SEQ_LENGTH

@@ -68,7 +68,7 @@ def test_trainer_args_follow_the_plan(dtype, device, ckpt):
     cfg = Config(learning_rate=1e-4, report_to="trackio", run_name="r1", seed=7)
     kw = trainer_kwargs(cfg, plan(dtype=dtype, device=device, gradient_checkpointing=ckpt))
     assert (kw["bf16"], kw["fp16"]) == (dtype == "bf16", dtype == "fp16")
-    assert kw["use_cpu"] == (device == "cpu") and kw["gradient_checkpointing"] == ckpt
+    assert kw["use_cpu"] == (device == "cpu") and kw["activation_checkpointing"] == ckpt
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["max_steps"]) == (4, 4, 100)
     assert kw["warmup_steps"] == 5 and kw["report_to"] == ["trackio"] and kw["run_name"] == "r1" and kw["seed"] == 7
     assert kw["dataset_kwargs"] == {"skip_prepare_dataset": True} and kw["save_strategy"] == "no"
