@@ -2,7 +2,7 @@
 vs fp32 for LoRA training, eval forward and generate, on random-init Qwen2 models of four sizes.
 
 Run:  python bench/cpu_dtype.py        (about 4-5 minutes on 2 cores)
-Variants are interleaved (fp32, bf16, fp32, bf16, ...), REPEATS times; each figure is the median of the per-step
+Variants are interleaved (fp32, bf16, fp32, bf16, ...), REPEATS times; tok/s figures are medians of the per-step
 (train), per-batch (eval) or per-prompt (generate) rates pooled over the repeats. Each sample also records how much
 CPU other processes used meanwhile (/proc/stat minus our own time); samples where they used > 0.25 core are dropped,
 and after such a sample the next one waits (up to 10 s) for the machine to go quiet.
@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from common import FOREIGN_MAX, Gate, clean_median, cpu_flags, env_line, setup_torch, wait_quiet
+from _timing import FOREIGN_MAX, Gate, clean_median, cpu_flags, env_line, setup_torch, wait_quiet
 
 torch = setup_torch()
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -22,8 +22,8 @@ from finetune import data, template, tiny  # noqa: E402
 
 GATE = Gate()
 
-REPEATS, WARMUP, MEASURED, BATCH = 3, 2, 10, 8
-EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 32, 4, 32
+REPEATS, WARMUP, MEASURED, BATCH = 5, 2, 6, 8
+EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 16, 2, 32
 SIZES = {  # name -> Qwen2Config overrides (None = the tiny model as built by finetune.tiny)
     "tiny": None,
     "mini": dict(hidden_size=256, num_hidden_layers=6, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2),
@@ -151,14 +151,14 @@ def main():
             model = build_model(name, path, tok, torch.float32 if dt == "fp32" else torch.bfloat16)
             params = sum(p.numel() for p in model.parameters())
             trainer, clock = make_trainer(model, tok, rows, bf16=dt == "bf16")
-            variants[dt] = (trainer, clock, {"train": [], "eval": [], "gen": []})
+            variants[dt] = (trainer, clock, {"train": [], "eval": [], "gen": []})  # one list of samples per repeat
         for _ in range(REPEATS):
             for dt, (trainer, clock, m) in variants.items():  # interleaved: fp32, bf16, fp32, bf16, ...
                 GATE.waited += wait_quiet()
                 trainer.train()
-                m["train"] += clock.rates()
-                m["eval"] += eval_rates(trainer.model, eval_rows, tok.pad_token_id)  # PEFT model, as the backend
-                m["gen"] += gen_rates(trainer.model, prompts, tok)
+                m["train"].append(clock.rates())
+                m["eval"].append(eval_rates(trainer.model, eval_rows, tok.pad_token_id))  # PEFT model, as the backend
+                m["gen"].append(gen_rates(trainer.model, prompts, tok))
         lora = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "lora_A" in n)
         base = next(p.dtype for n, p in variants["bf16"][0].model.named_parameters() if "q_proj.base_layer" in n)
         print(f"  {name}: {params / 1e6:.1f}M params, done in {time.perf_counter() - t_size:.0f}s ({GATE.waited - waited0:.0f}s of it "
@@ -167,24 +167,25 @@ def main():
         del variants
 
     print(f"\nTotal {time.perf_counter() - t_all:.0f}s. tok/s = non-padding tokens/s (train, eval) or new tokens/s "
-          f"(generate); median over the samples taken while other processes used <= {FOREIGN_MAX} core "
-          "(kept/total samples in brackets).\n")
-    print("| model | params | train fp32 tok/s | train bf16 tok/s | bf16/fp32 | eval fp32 tok/s | eval bf16 tok/s "
-          "| bf16/fp32 | gen fp32 tok/s | gen bf16 tok/s | bf16/fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    verdicts, noisy = [], []
+          f"(generate): median over all quiet samples (other processes used <= {FOREIGN_MAX} core). bf16/fp32 = median "
+          f"of the {REPEATS} paired per-repeat ratios (fp32 and bf16 measured back to back), range in brackets.\n")
+    print("| model | params | quiet samples | train fp32 tok/s | train bf16 tok/s | train bf16/fp32 | eval fp32 tok/s "
+          "| eval bf16 tok/s | eval bf16/fp32 | gen fp32 tok/s | gen bf16 tok/s | gen bf16/fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    verdicts = []
     for name, params, m in results:
-        cells, ratios = [], []
+        cells, ratios, kept, total = [], [], 0, 0
         for k in ("train", "eval", "gen"):
-            (f, nf), (b, nb) = clean_median(m["fp32"][k]), clean_median(m["bf16"][k])
-            n = len(m["fp32"][k])
-            noisy += [f"{name} {k}"] if min(nf, nb) < 3 else []
-            cells += [f"{f:,.0f} ({nf}/{n})", f"{b:,.0f} ({nb}/{n})", f"{b / f:.2f}x"]
-            ratios.append(b / f)
-        print(f"| {name} | {params / 1e6:.1f}M | " + " | ".join(cells) + " |")
+            f32, b16 = m["fp32"][k], m["bf16"][k]
+            pooled = [clean_median([x for rep in v for x in rep]) for v in (f32, b16)]
+            paired = sorted(clean_median(b, 1)[0] / clean_median(f, 1)[0] for f, b in zip(f32, b16))
+            kept += sum(n for _, n in pooled)
+            total += sum(len(rep) for v in (f32, b16) for rep in v)
+            r = statistics.median(paired)
+            cells += [f"{pooled[0][0]:,.0f}", f"{pooled[1][0]:,.0f}", f"{r:.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"]
+            ratios.append(r)
+        print(f"| {name} | {params / 1e6:.1f}M | {kept}/{total} | " + " | ".join(cells) + " |")
         verdicts.append((name, params, *ratios))
-    if noisy:
-        print(f"\nWARNING: too few quiet samples for {', '.join(noisy)} (others used the CPU); all samples used there.")
 
     print("\nConclusion (CPU with " + ("AMX):" if "amx_bf16" in cpu_flags() else "avx512_bf16, no AMX):"))
     for name, params, r, e, g in verdicts:

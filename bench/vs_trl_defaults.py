@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from common import FOREIGN_MAX, clean_median, env_line, sample, setup_torch, snap, wait_quiet
+from _timing import FOREIGN_MAX, Gate, clean_median, env_line, sample, setup_torch, snap, wait_quiet
 
 torch = setup_torch()
 from datasets import Dataset  # noqa: E402
@@ -69,13 +69,18 @@ def build(variant: str, path: str, splits):
 
 
 class StepClock(TrainerCallback):
-    """(snap, tokens seen) at every step end."""
+    """Times each step, begin to end; after a step disturbed by other processes, the next one first waits for quiet
+    (up to 10 s, subtracted from the train time)."""
 
     def __init__(self):
-        self.marks = []
+        self.gate, self.steps = Gate(), []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.begin = (self.gate.start(), state.num_input_tokens_seen)  # tokens are counted after this hook
 
     def on_step_end(self, args, state, control, **kw):
-        self.marks.append((snap(), state.num_input_tokens_seen))
+        a, n0 = self.begin
+        self.steps.append(self.gate.stop(a, state.num_input_tokens_seen - n0))
 
 
 def run(variant: str, path: str, splits) -> dict:
@@ -89,15 +94,14 @@ def run(variant: str, path: str, splits) -> dict:
     s0 = snap()
     out = trainer.train()
     s1 = snap()
-    seconds = s1[0] - s0[0]
-    steps = [sample(a, b, n1 - n0) for (a, n0), (b, n1) in zip(clock.marks, clock.marks[1:])]  # tok/s per step
+    seconds = s1[0] - s0[0] - clock.gate.waited
     ds = trainer.train_dataset
     ids = ds["input_ids"]
     n_tokens = sum(len(r) for r in ids)
     trained = (sum(sum(x != template.IGNORE for x in r) for r in ds["labels"]) if "labels" in ds.column_names
                else n_tokens)  # no labels column: TRL trains every (non-padding) token
-    return dict(setup=setup, seconds=seconds, tokens=int(trainer.state.num_input_tokens_seen), steps=steps,
-                foreign=sample(s0, s1, 0)[1], waited=waited, loss=float(out.training_loss),
+    return dict(setup=setup, seconds=seconds, tokens=int(trainer.state.num_input_tokens_seen),
+                steps=clock.steps[1:], foreign=sample(s0, s1, 0)[1], waited=waited + clock.gate.waited, loss=float(out.training_loss),
                 row_tokens=n_tokens / len(ids), trained_share=trained / n_tokens,
                 ckpt=trainer.args.gradient_checkpointing, autocast=trainer.args.bf16,
                 dtype=str(next(trainer.model.parameters()).dtype).replace("torch.", ""))
@@ -116,13 +120,13 @@ def main():
             r = run(v, path, splits)
             results[v].append(r)
             print(f"  rep {rep + 1} {v:<17} train {r['seconds']:6.1f}s  setup {r['setup']:4.1f}s  loss {r['loss']:.3f}  "
-                  f"other processes used {r['foreign']:.2f} cores meanwhile (waited {r['waited']:.0f}s first)")
+                  f"other processes used {r['foreign']:.2f} cores meanwhile (waited {r['waited']:.0f}s for quiet)")
 
     med = lambda v, k: statistics.median(r[k] for r in results[v])  # noqa: E731
     quiet = {v: clean_median([s for r in results[v] for s in r["steps"]]) for v in VARIANTS}
     ours_s, ours_q = med("ours", "seconds"), quiet["ours"][0]
     print(f"\nTotal {time.perf_counter() - t_all:.0f}s. train s, tok/s, setup s: medians of {REPEATS} runs "
-          "(tok/s = non-padding tokens seen / train s); setup = model load + dataset preparation + trainer "
+          "(tok/s = non-padding tokens seen / train s; train s excludes waits for quiet); setup = model load + dataset preparation + trainer "
           f"construction. quiet tok/s: median per-step rate over steps where other processes used <= {FOREIGN_MAX} "
           "core (kept/total steps), the figure to trust when the machine was shared.\n")
     print("| variant | grad ckpt | bf16 autocast | weights | loss on | tokens/row | setup s | train s | tok/s "

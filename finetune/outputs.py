@@ -99,10 +99,6 @@ def plot_loss(records: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _quote(text: str) -> str:
     return "\n".join("    " + line for line in (text or "(empty)").splitlines()) or "    (empty)"
 
@@ -119,7 +115,7 @@ def write_report(path: str, run: dict, before: dict, after: dict) -> None:
         f"- steps: {result['steps']} x batch {plan['batch_size']} x accum {plan['grad_accum']}, "
         f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g}, lr {cfg['learning_rate']:g}",
         f"- time: {result['train_seconds']:.1f} s training, {result['tokens_per_s']:,.0f} tokens/s",
-        f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {_fmt(result['peak_memory_gb'])} GB", "",
+        f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB", "",
         "## Before / after (held-out rows)", "",
         "| metric | base model | with adapter |", "|---|---|---|",
         f"| eval loss (per trained token) | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |",

@@ -64,10 +64,10 @@ def sample(a, b, amount: float) -> tuple[float, float]:
     return amount / wall, max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / wall
 
 
-def clean_median(samples) -> tuple[float, int]:
-    """(median rate over the quiet samples, how many were quiet); all samples if fewer than 3 were quiet."""
+def clean_median(samples, need: int = 3) -> tuple[float, int]:
+    """(median rate over the quiet samples, how many were quiet); all samples if fewer than `need` were quiet."""
     kept = [r for r, f in samples if f <= FOREIGN_MAX]
-    return statistics.median(kept if len(kept) >= 3 else [r for r, _ in samples]), len(kept)
+    return statistics.median(kept if len(kept) >= need else [r for r, _ in samples]), len(kept)
 
 
 def wait_quiet(max_s: float = 20.0, window: float = 1.0) -> float:
