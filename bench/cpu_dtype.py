@@ -2,10 +2,11 @@
 vs fp32 for LoRA training, eval forward and generate, on random-init Qwen2 models of four sizes.
 
 Run:  python bench/cpu_dtype.py        (about 4-5 minutes on 2 cores)
-Variants are interleaved (fp32, bf16, fp32, bf16, ...), REPEATS times; tok/s figures are medians of the per-step
-(train), per-batch (eval) or per-prompt (generate) rates pooled over the repeats. Each sample also records how much
-CPU other processes used meanwhile (/proc/stat minus our own time); samples where they used > 0.25 core are dropped,
-and after such a sample the next one waits (up to 10 s) for the machine to go quiet.
+Variants are interleaved (fp32, bf16, fp32, bf16, ...), REPEATS times, each repeat timing the same work units (train
+steps on the same batches, eval batches, prompts); each unit's rate is its best over the repeats, since on a shared
+machine other processes can only slow a unit down (with 2 threads on 2 cores, one busy neighbour can make a step 10x
+slower). Each sample records how much CPU other processes used meanwhile (/proc/stat minus our own time); after a
+disturbed sample the next one waits (up to 10 s) for the machine to go quiet.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import statistics
 import tempfile
 import time
 
-from _timing import FOREIGN_MAX, Gate, clean_median, cpu_flags, env_line, setup_torch, wait_quiet
+from _timing import FOREIGN_MAX, Gate, cpu_flags, env_line, setup_torch, wait_quiet
 
 torch = setup_torch()
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -23,7 +24,7 @@ from finetune import data, template, tiny  # noqa: E402
 GATE = Gate()
 
 REPEATS, WARMUP, MEASURED, BATCH = 5, 2, 6, 8
-EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 16, 2, 32
+EVAL_ROWS, GEN_PROMPTS, GEN_TOKENS = 24, 3, 32
 SIZES = {  # name -> Qwen2Config overrides (None = the tiny model as built by finetune.tiny)
     "tiny": None,
     "mini": dict(hidden_size=256, num_hidden_layers=6, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2),
@@ -154,7 +155,7 @@ def main():
             variants[dt] = (trainer, clock, {"train": [], "eval": [], "gen": []})  # one list of samples per repeat
         for _ in range(REPEATS):
             for dt, (trainer, clock, m) in variants.items():  # interleaved: fp32, bf16, fp32, bf16, ...
-                GATE.waited += wait_quiet()
+                GATE.waited += wait_quiet(window=0.5)
                 trainer.train()
                 m["train"].append(clock.rates())
                 m["eval"].append(eval_rates(trainer.model, eval_rows, tok.pad_token_id))  # PEFT model, as the backend
@@ -167,8 +168,12 @@ def main():
         del variants
 
     print(f"\nTotal {time.perf_counter() - t_all:.0f}s. tok/s = non-padding tokens/s (train, eval) or new tokens/s "
-          f"(generate): median over all quiet samples (other processes used <= {FOREIGN_MAX} core). bf16/fp32 = median "
-          f"of the {REPEATS} paired per-repeat ratios (fp32 and bf16 measured back to back), range in brackets.\n")
+          f"(generate). Every repeat runs the same work units (train steps {WARMUP + 1}-{WARMUP + MEASURED} on the same "
+          f"batches, {EVAL_ROWS // BATCH} eval batches, {GEN_PROMPTS} prompts): a unit's rate is its best over the "
+          f"{REPEATS} repeats (other processes only ever slow a unit down), the figure is the median over units, and "
+          "bf16/fp32 is the median over units of the per-unit ratio; in brackets the same ratio from typical rather than "
+          "best times (median over repeats of each repeat's median per-unit ratio). quiet = samples during which other processes "
+          f"used <= {FOREIGN_MAX} core.\n")
     print("| model | params | quiet samples | train fp32 tok/s | train bf16 tok/s | train bf16/fp32 | eval fp32 tok/s "
           "| eval bf16 tok/s | eval bf16/fp32 | gen fp32 tok/s | gen bf16 tok/s | gen bf16/fp32 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -176,14 +181,15 @@ def main():
     for name, params, m in results:
         cells, ratios, kept, total = [], [], 0, 0
         for k in ("train", "eval", "gen"):
-            f32, b16 = m["fp32"][k], m["bf16"][k]
-            pooled = [clean_median([x for rep in v for x in rep]) for v in (f32, b16)]
-            paired = sorted(clean_median(b, 1)[0] / clean_median(f, 1)[0] for f, b in zip(f32, b16))
-            kept += sum(n for _, n in pooled)
-            total += sum(len(rep) for v in (f32, b16) for rep in v)
-            r = statistics.median(paired)
-            cells += [f"{pooled[0][0]:,.0f}", f"{pooled[1][0]:,.0f}", f"{r:.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"]
+            best = {dt: [max(rep[i][0] for rep in m[dt][k]) for i in range(len(m[dt][k][0]))] for dt in m}
+            r = statistics.median(b / f for f, b in zip(best["fp32"], best["bf16"]))
+            typical = statistics.median(statistics.median(b[0] / f[0] for f, b in zip(fr, br))
+                                        for fr, br in zip(m["fp32"][k], m["bf16"][k]))
+            cells += [f"{statistics.median(best['fp32']):,.0f}", f"{statistics.median(best['bf16']):,.0f}",
+                      f"{r:.2f}x ({typical:.2f}x)"]
             ratios.append(r)
+            samples = [x for dt in m for rep in m[dt][k] for x in rep]
+            kept, total = kept + sum(f <= FOREIGN_MAX for _, f in samples), total + len(samples)
         print(f"| {name} | {params / 1e6:.1f}M | {kept}/{total} | " + " | ".join(cells) + " |")
         verdicts.append((name, params, *ratios))
 
@@ -195,10 +201,10 @@ def main():
     lose = [p for _, p, r, *_ in verdicts if r <= 1.05]
     win = [p for _, p, r, *_ in verdicts if r > 1.05 and p > max(lose, default=0)]
     if win and lose:
-        print(f"  Rule: fp32 up to ~{max(lose) / 1e6:.1f}M params, bf16 from ~{min(win) / 1e6:.0f}M "
-              "(threshold somewhere in between).")
+        print(f"  Rule: fp32 up to ~{max(lose) / 1e6:.1f}M params (bf16 gains <= 5% there), bf16 from "
+              f"~{min(win) / 1e6:.0f}M (threshold somewhere in between).")
     else:
-        print("  Rule: " + ("bf16 at every size measured." if win else "fp32 at every size measured."))
+        print("  Rule: " + ("bf16 at every size measured." if win else "bf16 never gains > 5%: fp32 at every size."))
 
 
 if __name__ == "__main__":

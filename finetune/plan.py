@@ -51,6 +51,12 @@ APPLE_TIER = (("Ultra", 2.0), ("Max", 1.0), ("Pro", 0.5))
 APPLE_TIER_BASE = 0.3
 CPU_PEAK_PER_CORE = {"amx": 1.0e12, "avx512_bf16": 0.2e12, "fp32": 0.14e12,  # avx512_bf16: measured, 2-core VM
                      "mlx_cpu": 2.5e9}  # mlx[cpu] 0.32, 1024x1024 fp32 matmul: 5 GFLOP/s on 2 cores (torch: 128)
+# bench/cpu_dtype.py (AVX-512-bf16, no AMX, 2 cores): LoRA training bf16/fp32 = 0.84x at 0.9M params,
+# 1.36x at 4.7M, 1.38x at 17M, 1.48x at 39M, 1.62x at 91M. Below this size fp32 is faster.
+CPU_BF16_MIN_PARAMS = 4_000_000
+# Per micro-batch overhead, seconds. CPU: the default tiny run (63 steps x 16 rows) took 16.7 s for ~4 s of
+# matmul work on 2 cores. GPU figures are the usual launch/optimizer overhead of a small LoRA step (unmeasured).
+STEP_OVERHEAD_S = {"cpu": 0.15, "cuda": 0.03, "mps": 0.05, "mlx": 0.05}
 EFFICIENCY_GPU, EFFICIENCY_CPU = 0.35, 0.25
 
 
@@ -146,8 +152,8 @@ def memory_budget(hw: Hardware, device: str) -> tuple[str, float, float]:
     return "ram", total, budget
 
 
-def pick_dtype(hw: Hardware, device: str, cfg_dtype: str) -> tuple[str, str]:
-    """(dtype, reason)."""
+def pick_dtype(hw: Hardware, device: str, cfg_dtype: str, num_params: int | None = None) -> tuple[str, str]:
+    """(dtype, reason). `num_params` matters on the CPU only (see CPU_BF16_MIN_PARAMS)."""
     if cfg_dtype != "auto":
         return cfg_dtype, f"dtype {cfg_dtype}: set by you"
     if device == "cuda":
@@ -165,6 +171,9 @@ def pick_dtype(hw: Hardware, device: str, cfg_dtype: str) -> tuple[str, str]:
             return "bf16", "dtype bf16: MLX trains in bf16 on the GPU"
         # mlx[cpu] (Linux) has no faster bf16 matmul than fp32 (measured: equal GFLOP/s), so bf16 only costs precision
         return "fp32", "dtype fp32: MLX runs on the CPU here (mlx[cpu]), where bf16 is no faster than fp32"
+    if hw.cpu_bf16 and num_params is not None and num_params < CPU_BF16_MIN_PARAMS:
+        return "fp32", (f"dtype fp32: the model is tiny ({num_params / 1e6:.1f}M params), where bf16 autocast "
+                        "overhead outweighs faster matmuls (bench/cpu_dtype.py)")
     if hw.cpu_bf16:
         return "bf16", "dtype bf16: the CPU has bf16 instructions (AMX or AVX-512-BF16)"
     return "fp32", "dtype fp32: the CPU has no bf16 instructions, so bf16 would be emulated (slow)"
@@ -208,7 +217,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     `max_tokens` (the longest encoded row) lets memory be planned for the data actually present:
     batches are padded to their longest row, never to MAX_SEQ_LENGTH."""
     seq = min(cfg.max_seq_length, max_tokens) if max_tokens else cfg.max_seq_length
-    dtype, why = pick_dtype(hw, device, cfg.dtype)
+    dtype, why = pick_dtype(hw, device, cfg.dtype, model.num_params)
     reasons = [why]
     if seq < cfg.max_seq_length:
         reasons.append(f"memory planned for the longest row, {seq} tokens (MAX_SEQ_LENGTH={cfg.max_seq_length} "
@@ -290,14 +299,17 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     row_tokens = min(mean_tokens, seq) if mean_tokens > 0 else seq  # unknown length: assume full rows
     tokens = max_steps * batch * grad_accum * row_tokens
     peak_flops, eff = _peak_flops(hw, device, dtype)
-    tokens_per_s = peak_flops * eff / ((6 if ckpt else 4) * model.num_params)
+    compute_s = tokens * (6 if ckpt else 4) * model.num_params / (peak_flops * eff)
+    # Fixed cost per optimizer step (dataloader, autograd bookkeeping, optimizer); dominates small models.
+    seconds = compute_s + max_steps * grad_accum * STEP_OVERHEAD_S.get(device, 0.05)
+    tokens_per_s = tokens / seconds
     reasons.append(f"speed: assumes {peak_flops / 1e12:.1f} TFLOP/s peak x {eff:.0%} efficiency "
                    f"(rough table; run.json records the measured tokens/s)")
 
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
                 max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, gradient_checkpointing=ckpt,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
-                predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=tokens / tokens_per_s,
+                predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
                 est_tokens_per_s=tokens_per_s, reasons=reasons)
 
 

@@ -394,3 +394,13 @@ def test_memory_is_planned_for_the_longest_row_not_max_seq_length():
     assert any("longest row, 256 tokens" in r for r in short.reasons)
     longer = plan.make(Config(), hw, MODELS["3B"], "torch", device, ROWS, MEAN_TOKENS, max_tokens=4096)
     assert longer.predicted_peak_gb == full.predicted_peak_gb  # never planned beyond MAX_SEQ_LENGTH
+
+
+def test_cpu_dtype_fp32_only_for_tiny_models():
+    hw = MACHINES["this-machine"][0]
+    assert plan.pick_dtype(hw, "cpu", "auto", num_params=900_000)[0] == "fp32"
+    assert plan.pick_dtype(hw, "cpu", "auto", num_params=17_000_000)[0] == "bf16"
+    assert plan.pick_dtype(hw, "cpu", "auto", num_params=None)[0] == "bf16"
+    assert plan.pick_dtype(hw, "cpu", "bf16", num_params=900_000)[0] == "bf16"  # the user's word stands
+    no_bf16 = linux(24, cores=2, features=["avx2"])
+    assert plan.pick_dtype(no_bf16, "cpu", "auto", num_params=17_000_000)[0] == "fp32"
