@@ -316,5 +316,5 @@ def _length_advice(s: dict) -> str:
     if want > now:
         return f"MAX_SEQ_LENGTH={want} would fit {covers} (now {s['truncated_rows']} rows are truncated)"
     if want * 2 <= now:
-        return f"MAX_SEQ_LENGTH={want} fits {covers}; {now} makes the planner reserve memory for rows this data never has"
+        return f"MAX_SEQ_LENGTH={want} fits {covers}; {now} truncates nothing here (memory is planned for the longest row either way)"
     return f"MAX_SEQ_LENGTH={now} fits; {want} would cover {covers}"
