@@ -48,6 +48,8 @@ class Backend(Protocol):
     def supports(self, model: ModelInfo, method: str) -> str | None: ...
     def device(self, hw: Hardware) -> str: ...                          # "cuda" | "mps" | "cpu" | "mlx"
     def load(self, cfg, plan, model: ModelInfo, tokenizer) -> Session: ...
+    # Optional: `auto_skip(hw) -> str | None` -- usable when named (BACKEND=x) but not a good automatic
+    # choice on this machine (MLX off Apple silicon), with the reason `doctor` prints.
 
 
 def _registry() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""`finetune <command>`: train (default), doctor. Flags mirror the config fields (see finetune/config.py)."""
+"""`finetune <command>`: train (default), doctor, check-data, convert. Train flags mirror the config fields
+(see finetune/config.py)."""
 from __future__ import annotations
 
 import argparse

@@ -50,7 +50,14 @@ def _versions(hw: hardware.Hardware) -> dict[str, str]:
     return {"finetune": __version__, "python": platform.python_version(), **hw.packages}
 
 
-def _check_combination(cfg: Config, plan: planner.Plan, splits: data.Splits, tokenizer) -> None:
+def _check_template(cfg: Config, splits: data.Splits, tokenizer) -> None:
+    chat = splits.shape in ("messages", "conversational_prompt_completion")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"MODEL={cfg.model} has no chat template, so '{splits.shape}' rows cannot be rendered; "
+                        "use a chat/instruct model or prompt/completion rows")
+
+
+def _check_combination(cfg: Config, plan: planner.Plan) -> None:
     if plan.dtype == "fp16" and plan.device != "cuda":
         raise UserError(f"DTYPE=fp16 needs a CUDA GPU (this run uses {plan.device}); use DTYPE=bf16 or fp32")
     if plan.quantize == "4bit" and plan.device not in ("cuda", "mlx"):
@@ -61,10 +68,6 @@ def _check_combination(cfg: Config, plan: planner.Plan, splits: data.Splits, tok
 
         if importlib.util.find_spec("trackio") is None:
             raise UserError("REPORT_TO=trackio needs the trackio package: .venv/bin/pip install trackio")
-    chat = splits.shape in ("messages", "conversational_prompt_completion")
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"MODEL={cfg.model} has no chat template, so '{splits.shape}' rows cannot be rendered; "
-                        "use a chat/instruct model or prompt/completion rows")
 
 
 def run(cfg: Config, sources: dict[str, str]) -> int:
@@ -78,6 +81,7 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
         print(banner(fallback))
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     tokenizer = models.load_tokenizer(model)
+    _check_template(cfg, splits, tokenizer)
     train_enc, warnings = encode_all(splits.train, tokenizer, cfg.max_seq_length)
     warnings = data_warnings + warnings + check_data.template_warnings(splits.train, tokenizer)
     val_rows = splits.validation[: cfg.eval_rows]
@@ -88,7 +92,7 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
     mean_tokens = sum(len(r.input_ids) for r in train_enc) / len(train_enc)
     longest = max(len(r.input_ids) for r in train_enc + val_enc)
     plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(train_enc), mean_tokens, longest)
-    _check_combination(cfg, plan, splits, tokenizer)
+    _check_combination(cfg, plan)
     settings = resolved_settings(cfg, sources, plan)
 
     print(format_settings(settings))

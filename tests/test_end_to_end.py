@@ -131,3 +131,17 @@ def test_hub_dataset_that_cannot_be_loaded_is_a_clear_error(run_env, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: DATASET=someone/no-such-dataset: not a local path and could not be loaded")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_rows_on_a_model_without_chat_template_is_a_clear_error(run_env, tiny_model, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model_dir)
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_cli(["--dry-run"], {**run_env, "MODEL": str(model_dir)})
+    assert result.returncode == 2 and "has no chat template" in result.stderr
+    assert "Traceback" not in result.stderr
