@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-click entry point.
+# One-click entry point (bash + POSIX tools only: runs on macOS and Linux as shipped).
 #   ./run.sh                 fine-tune with defaults (env vars override: BATCH_SIZE=1 MAX_STEPS=50 ./run.sh)
 #   ./run.sh test [args]     run the test suite (pytest args pass through)
 #   ./run.sh <cmd> [args]    any `finetune` command: doctor, train --dry-run, ...
@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV="${VENV:-.venv}"
 
 # (Re)create the environment only when it is missing or what it was built from changed.
-stamp_now() { cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1; }
+stamp_now() { cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1; }
 if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.finetune-stamp" || "$(cat "$VENV/.finetune-stamp")" != "$(stamp_now)" ]]; then
   ./setup_environment.sh >&2  # stdout stays the command's own (e.g. doctor --json)
 fi

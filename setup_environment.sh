@@ -71,5 +71,5 @@ fi
 "${PIP[@]}" --no-deps -e . >/dev/null || die "installing the finetune package (pip install -e .) failed"
 
 # run.sh compares this stamp to decide whether setup must run again.
-cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1 > "$VENV/.finetune-stamp"
+cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1 > "$VENV/.finetune-stamp"
 step "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -21,7 +21,7 @@ def test_python_too_old_or_missing_is_a_clear_error(tmp_path):
 def test_run_sh_reuses_an_up_to_date_venv():
     # The stamp written by setup matches, so run.sh goes straight to the command (no pip output).
     stamp = open(os.path.join(ROOT, os.environ.get("VENV", ".venv"), ".finetune-stamp")).read().strip()
-    now = subprocess.run("cat requirements.txt setup_environment.sh pyproject.toml | sha256sum | cut -d' ' -f1",
+    now = subprocess.run("cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1",
                          shell=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert stamp == now
     result = subprocess.run([os.path.join(ROOT, "run.sh"), "doctor"], capture_output=True, text=True, timeout=120)
