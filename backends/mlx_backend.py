@@ -21,7 +21,7 @@ import numpy as np
 from backends import TrainResult
 from finetune import interop
 from finetune.errors import UserError
-from finetune.template import IGNORE
+from finetune.template import IGNORE, pad_batch
 
 SUPPORTED_METHODS = ("sft",)
 FALLBACK = "use BACKEND=torch (PyTorch MPS)"
@@ -157,11 +157,8 @@ class MLXSession:
     def _arrays(self, rows):
         mx = _mx()
         width = 1 + PAD_TO * max(1, math.ceil((max(len(r.input_ids) for r in rows) - 1) / PAD_TO))
-        ids = np.full((len(rows), width), self.pad_id, np.int32)
-        labels = np.full((len(rows), width), IGNORE, np.int32)
-        for j, r in enumerate(rows):
-            ids[j, :len(r.input_ids)], labels[j, :len(r.labels)] = r.input_ids, r.labels
-        return mx.array(ids), mx.array(labels)
+        ids, labels, _ = pad_batch(rows, self.pad_id, width)
+        return mx.array(ids.astype(np.int32)), mx.array(labels.astype(np.int32))
 
     def batches(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None):
         """mlx-lm's iterate_batches contract over our Encoded rows (already truncated by the template).

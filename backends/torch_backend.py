@@ -14,7 +14,7 @@ import warnings
 from typing import Callable
 
 from backends import TrainResult
-from finetune.template import IGNORE
+from finetune.template import IGNORE, pad_batch
 
 SUPPORTED_METHODS = ("sft",)
 # TRL/PEFT still call transformers' renamed `*gradient_checkpointing*` APIs; the warning is theirs, not the user's.
@@ -109,15 +109,7 @@ class TorchSession:
         torch = _torch()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for i in range(0, len(rows), size):
-            chunk = rows[i:i + size]
-            width = max(len(r.input_ids) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, r in enumerate(chunk):
-                n = len(r.input_ids)
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
-            yield ids.to(self.plan.device), labels.to(self.plan.device), mask.to(self.plan.device)
+            yield tuple(torch.from_numpy(a).to(self.plan.device) for a in pad_batch(rows[i:i + size], pad))
 
     def eval_loss(self, rows) -> float:
         """Mean cross-entropy per trained token (the same tokens the training loss uses)."""

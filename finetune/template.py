@@ -78,6 +78,21 @@ def encode(ex: Example, tokenizer, max_len: int) -> Encoded:
     return Encoded(ids[:max_len], labels[:max_len], truncated)
 
 
+def pad_batch(rows: list[Encoded], pad_id: int, width: int | None = None):
+    """Right-padded numpy arrays (input_ids, labels, attention_mask) for a batch of rows, shared by the
+    backends so padding never carries loss: padded labels are IGNORE and the mask is 0 there."""
+    import numpy as np
+
+    width = width or max(len(r.input_ids) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    labels = np.full((len(rows), width), IGNORE, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for j, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[j, :n], labels[j, :n], mask[j, :n] = r.input_ids, r.labels, 1
+    return ids, labels, mask
+
+
 def generation_prompt(ex: Example, tokenizer) -> tuple[list[int], str] | None:
     """(prompt ids, expected answer) for the last assistant turn; None for plain-text rows."""
     if ex.text is not None:

@@ -122,3 +122,14 @@ def test_non_utf8_and_missing_file(tmp_path):
         data.load(str(path), 0.1, 0)
     with pytest.raises(UserError, match="DATASET=./nope.jsonl: file not found"):
         data.load("./nope.jsonl", 0.1, 0)
+
+
+def test_pad_batch_never_trains_padding():
+    from finetune.template import Encoded, pad_batch
+
+    rows = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8], [8])]
+    ids, labels, mask = pad_batch(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pad_batch(rows, pad_id=0, width=5)[0].shape == (2, 5)
