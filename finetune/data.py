@@ -200,14 +200,6 @@ def _hub_rows(name: str) -> Iterator[tuple[str, Any, str | None]]:
         yield f"{name}: row {i + 1}", row, None
 
 
-def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row); the first unreadable line raises UserError naming it."""
-    for where, row, problem in iter_rows(path):
-        if problem:
-            raise UserError(f"{where}: {problem}")
-        yield where, row
-
-
 def read_file(path: str, mapping: dict[str, str] | None = None,
               map_where: str = "COLUMN_MAP") -> tuple[list[tuple[str, Any]], list[Problem]]:
     """Every readable row, renamed by `mapping`, plus a Problem for each line that could not be read."""
