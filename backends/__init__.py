@@ -2,43 +2,44 @@
 
 Built-ins are listed in BUILTIN; third parties add theirs through the `finetune.backends` entry-point
 group (value: "module:object", the object satisfying `Backend`). A backend receives decided values
-(Config + Plan) and never reads env or CLI itself. Methods (sft now, dpo/grpo later) are a value in
-the plan, not new backends: `supports()` says which it can run.
+(Config + Plan) and never reads env or CLI itself. Methods (sft, dpo, grpo) are a value in the plan,
+not new backends: `supports()` says which it can run.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Protocol
+from typing import Iterator, Protocol
 
 from finetune.errors import UserError
 from finetune.hardware import Hardware
 from finetune.models import ModelInfo
 
 # name -> "module:attribute"; imported lazily so `doctor` and `--dry-run` stay fast
-BUILTIN = {"torch": "backends.torch_backend:BACKEND", "mlx": "backends.mlx_backend:BACKEND"}
-PREFERENCE = ("mlx", "torch")  # auto choice: first usable one wins (MLX first on Apple silicon)
-
-
-@dataclass
-class TrainResult:
-    train_seconds: float
-    steps: int
-    tokens_seen: int
-    tokens_per_s: float
-    final_train_loss: float | None
-    peak_memory_gb: float | None       # measured by the backend on its device
-    extra: dict[str, Any] = field(default_factory=dict)
+BUILTIN = {"torch": "backends.torch_backend:BACKEND", "mlx": "backends.mlx_backend:BACKEND",
+           "unsloth": "backends.unsloth_backend:BACKEND"}
+PREFERENCE = ("mlx", "unsloth", "torch")  # auto choice: first usable one wins (MLX on Apple silicon, Unsloth on CUDA)
 
 
 class Session(Protocol):
-    """A loaded model: the base model until `train()`, the base + adapter after it."""
+    """A loaded model with its adapter attached (fresh LoRA starts as the base model exactly). The loop
+    (finetune/loop.py) drives it; methods (finetune/methods/) build the batches."""
 
-    def eval_loss(self, rows: list) -> float: ...                       # rows: list[template.Encoded]
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]: ...
-    def train(self, train_rows: list, eval_rows: list, on_log: Callable[[dict], None]) -> TrainResult: ...
-    def save_adapter(self, run_dir: str) -> list[str]: ...              # returns the files written
+    def token_logps(self, rows: list, adapter: bool = True) -> list: ...   # per row: trained tokens' log-probs
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 num_return: int = 1) -> list[list[int]]: ...
+    def stream(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+               adapter: bool = True) -> Iterator[int]: ...                # chat
+    def train_step(self, batch, micro_batch: int, lr: float) -> dict: ...  # one optimizer step; loss, tokens
+    def reseed(self, seed: int) -> None: ...
+    def save_adapter(self, directory: str) -> list[str]: ...               # returns the files written
+    def load_adapter_weights(self, directory: str) -> None: ...
+    def save_state(self, directory: str) -> None: ...                      # optimizer state (checkpoints)
+    def load_state(self, directory: str) -> None: ...
+    def peak_memory_gb(self) -> float: ...
+    def is_oom(self, err: BaseException) -> bool: ...
+    def release_memory(self) -> None: ...
+    def describe(self) -> dict: ...
 
 
 class Backend(Protocol):
@@ -47,7 +48,7 @@ class Backend(Protocol):
     def available(self, hw: Hardware) -> str | None: ...               # None = usable, else why not
     def supports(self, model: ModelInfo, method: str) -> str | None: ...
     def device(self, hw: Hardware) -> str: ...                          # "cuda" | "mps" | "cpu" | "mlx"
-    def load(self, cfg, plan, model: ModelInfo, tokenizer) -> Session: ...
+    def load(self, cfg, plan, model: ModelInfo, tokenizer, adapter: str | None = None) -> Session: ...
     # Optional: `auto_skip(hw) -> str | None` -- usable when named (BACKEND=x) but not a good automatic
     # choice on this machine (MLX off Apple silicon), with the reason `doctor` prints.
 

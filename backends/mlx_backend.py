@@ -1,33 +1,36 @@
-"""MLX backend: mlx-lm's LoRA / DoRA tuner, on the Apple GPU (Metal) or on the CPU with mlx[cpu] on Linux.
+"""MLX backend: LoRA / DoRA with mlx-lm's layers, on the Apple GPU (Metal) or on the CPU with mlx[cpu] on Linux.
 
-Config, plan, data, the loss mask (finetune.template), evaluation, progress and outputs are shared with every
-backend. What is MLX-specific lives here: loading with mlx-lm, 4-bit quantization of the base (QLoRA), MLX's
-memory limits, mlx-lm's trainer driven with our batches and our masked loss, and saving the adapter in
-mlx-lm's format plus a PEFT copy converted from it (finetune.interop).
+Config, plan, data, loss masks, the loop, checkpoints, evaluation and outputs are shared with every backend.
+What is MLX-specific lives here: loading with mlx-lm, 4-bit quantization of the base (QLoRA), MLX's memory
+limits, and our own compiled step (mlx-lm's trainer saves adapter weights only and computes logits for every
+position; ours gathers the trained positions before the vocabulary projection and keeps optimizer state for
+checkpoints). Adapters are saved in mlx-lm's format plus a PEFT copy converted exactly (finetune.interop).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
-import tempfile
-import time
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from backends import TrainResult
 from finetune import interop
 from finetune.errors import UserError
+from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
-SUPPORTED_METHODS = ("sft",)
+SUPPORTED_METHODS = ("sft", "dpo", "grpo")
 FALLBACK = "use BACKEND=torch (PyTorch MPS)"
 GB = 2**30
 PAD_TO = 32                      # pad widths to multiples of 32, as mlx-lm does: the compiled step sees few shapes
+TOKENS_TO = 64                   # gathered trained tokens are padded to a multiple of this, for the same reason
 QUANT_GROUP, QUANT_BITS = 64, 4  # mlx-lm's `convert -q` defaults (affine): layers whose width 64 does not divide stay 16-bit
+FAST_PATH_TYPES = {"llama", "qwen2", "qwen3", "mistral"}   # logits = lm_head(model.model(x)) exactly
+MAX_GRAD_NORM, GRPO_EPSILON = 1.0, 0.2
 
 
 def _mx():
@@ -93,17 +96,16 @@ class MLXBackend:
     def device(self, hw) -> str:
         return "mlx"
 
-    def load(self, cfg, plan, model, tokenizer) -> "MLXSession":
-        return MLXSession(cfg, plan, model, tokenizer)
+    def load(self, cfg, plan, model, tokenizer, adapter: str | None = None) -> "MLXSession":
+        return MLXSession(cfg, plan, model, tokenizer, adapter)
 
 
 BACKEND = MLXBackend()
 
 
 def set_memory_limits(budget_gb: float) -> dict:
-    """Keep MLX inside the plan's budget. On Metal also wire that much, so macOS does not page the
-    weights out mid-step (mlx-lm's trainer may raise the wired limit to the device's recommended size).
-    Returns the limits set, in GB, for run.json."""
+    """Keep MLX inside the plan's budget; on Metal also wire that much, so macOS does not page the weights out
+    mid-step. Returns the limits set, in GB, for run.json."""
     mx = _mx()
     limit, wired = int(budget_gb * GB), None
     if limit <= 0:
@@ -115,23 +117,15 @@ def set_memory_limits(budget_gb: float) -> dict:
     return {"memory_limit_gb": limit / GB, "wired_limit_gb": wired / GB if wired else None}
 
 
-def masked_loss(model, ids, labels):
-    """Mean cross-entropy over trained tokens, and their count (the (loss, ntoks) pair mlx-lm's trainer expects).
-    Uses our labels, not mlx-lm's prompt-offset mask: a multi-turn chat trains several assistant spans."""
-    import mlx.nn as nn
-
-    mx = _mx()
-    logits = model(ids[:, :-1]).astype(mx.float32)  # fp32 loss, as the torch path and the planner assume
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
-    ntoks = mask.sum()
-    return ce.sum() / ntoks, ntoks
+def lora_parameters(cfg) -> dict:
+    return {"rank": cfg.lora_r, "scale": cfg.lora_alpha / cfg.lora_r, "dropout": cfg.lora_dropout}
 
 
 class MLXSession:
-    def __init__(self, cfg, plan, model, tokenizer):
+    def __init__(self, cfg, plan, model, tokenizer, adapter: str | None = None):
         mx = _mx()
+        import mlx.optimizers as optim
+        from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import load_model, quantize_model
 
         self.cfg, self.plan, self.info, self.tokenizer = cfg, plan, model, tokenizer
@@ -148,152 +142,254 @@ class MLXSession:
         if plan.quantize == "4bit" and not self.quantized:
             self.model, _ = quantize_model(self.model, config, QUANT_GROUP, QUANT_BITS)
             self.quantized = True
+        self.model.freeze()
+        self.lora_type, self.lora = cfg.lora_type, lora_parameters(cfg)
+        if adapter:  # continue an existing mlx-lm adapter with its own settings
+            with open(os.path.join(adapter, interop.CONFIG), encoding="utf-8") as fh:
+                saved = json.load(fh)
+            self.lora, self.lora_type = saved["lora_parameters"], saved.get("fine_tune_type", "lora")
+        linear_to_lora_layers(self.model, len(self.model.layers), self.lora, use_dora=self.lora_type == "dora")
+        if adapter:
+            self.model.load_weights(os.path.join(adapter, interop.MLX_WEIGHTS), strict=False)
+        self.fast = model.model_type in FAST_PATH_TYPES and hasattr(self.model, "model")
+        self.optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=0.0)  # as torch: no decay
         mx.eval(self.model.parameters())
         self.model.eval()
-        self.lora: dict | None = None
-        self.tokens_seen = 0
+        self._steps: dict = {}
 
-    # ---------------------------------------------------------------- batches, evaluation, generation
+    # ---------------------------------------------------------------- the forward pass that matters
+    def _head(self, hidden):
+        args = getattr(self.model, "args", None)
+        if getattr(args, "tie_word_embeddings", False) or not hasattr(self.model, "lm_head"):
+            return self.model.model.embed_tokens.as_linear(hidden)
+        return self.model.lm_head(hidden)
+
+    def _logps(self, model, ids, b_idx, t_idx, targets):
+        """Log-probs of the gathered (row, position) targets; logits only at those positions on the fast path."""
+        mx = _mx()
+        import mlx.nn as nn
+
+        if self.fast:
+            hidden = model.model(ids)
+            logits = self._head(hidden[b_idx, t_idx])
+        else:
+            logits = model(ids)[b_idx, t_idx]
+        return -nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+
     def _arrays(self, rows):
+        """ids (B, W) and the trained positions: row index, position, target, weight, padded to a bucket."""
         mx = _mx()
-        width = 1 + PAD_TO * max(1, math.ceil((max(len(r.input_ids) for r in rows) - 1) / PAD_TO))
+        width = 1 + PAD_TO * max(1, math.ceil((max(r.length for r in rows) - 1) / PAD_TO))
         ids, labels, _ = pad_batch(rows, self.pad_id, width)
-        return mx.array(ids.astype(np.int32)), mx.array(labels.astype(np.int32))
+        target = labels[:, 1:]
+        b_idx, t_idx = np.nonzero(target != IGNORE)
+        n = len(b_idx)
+        size = TOKENS_TO * max(1, math.ceil(n / TOKENS_TO))
+        pad = size - n
+        as_i = lambda a: mx.array(np.concatenate([a, np.zeros(pad, a.dtype)]).astype(np.int32))  # noqa: E731
+        weights = mx.array(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]))
+        return (mx.array(ids[:, :-1].astype(np.int32)), as_i(b_idx), as_i(t_idx), as_i(target[b_idx, t_idx]),
+                weights, n)
 
-    def batches(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None):
-        """mlx-lm's iterate_batches contract over our Encoded rows (already truncated by the template).
-        loop=False (evaluation): every row once, in order. loop=True (training): seeded shuffles, epochs
-        running into each other so every batch is full; counts the tokens the trainer consumes."""
-        if not loop:
-            for i in range(0, len(dataset), batch_size):
-                yield self._arrays(dataset[i:i + batch_size])
-            return
-        rng, order = np.random.default_rng(self.cfg.seed), []
-        while True:
-            while len(order) < batch_size:
-                order += rng.permutation(len(dataset)).tolist()
-            rows, order = [dataset[i] for i in order[:batch_size]], order[batch_size:]
-            self.tokens_seen += sum(len(r.input_ids) for r in rows)  # non-padding inputs, as the torch path counts
-            yield self._arrays(rows)
-
-    def eval_loss(self, rows) -> float:
-        """Mean cross-entropy per trained token (mlx-lm's evaluate weights each batch by its token count)."""
-        from mlx_lm.tuner.trainer import evaluate
-
-        return float(evaluate(self.model, rows, batch_size=self.plan.batch_size, num_batches=-1,
-                              max_seq_length=self.plan.max_seq_length, loss=masked_loss, iterate_batches=self.batches))
-
-    def generate(self, prompts, max_new_tokens: int) -> list[list[int]]:
-        """Greedy (mlx-lm's default sampler is argmax), stopping after the EOS token as the torch path does."""
+    def token_logps(self, rows, adapter: bool = True) -> list[np.ndarray]:
         mx = _mx()
-        generate_step = importlib.import_module("mlx_lm.generate").generate_step
         self.model.eval()
         out = []
-        for prompt in prompts:
-            tokens = []
-            for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_new_tokens):
-                tokens.append(int(token))
-                if tokens[-1] == self.tokenizer.eos_token_id:
-                    break
-            out.append(tokens)
+        with (contextlib.nullcontext() if adapter else self.adapter_disabled()):
+            for i in range(0, len(rows), self.plan.batch_size):
+                chunk = rows[i:i + self.plan.batch_size]
+                ids, b_idx, t_idx, targets, _, n = self._arrays(chunk)
+                logps = self._logps(self.model, ids, b_idx, t_idx, targets)
+                mx.eval(logps)
+                lp, rows_of = np.array(logps[:n]), np.array(b_idx[:n])
+                out += [lp[rows_of == j] for j in range(len(chunk))]
         return out
 
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The base model: every LoRA/DoRA layer temporarily replaced by the linear it wraps."""
+        from mlx.utils import tree_unflatten
+
+        wrapped = [(name, m) for name, m in self.model.named_modules() if hasattr(m, "lora_a")]
+        self.model.update_modules(tree_unflatten([(name, m.linear) for name, m in wrapped]))
+        try:
+            yield
+        finally:
+            self.model.update_modules(tree_unflatten(wrapped))
+
     # ---------------------------------------------------------------- training
-    def train(self, train_rows, eval_rows, on_log: Callable[[dict], None]) -> TrainResult:
+    @contextlib.contextmanager
+    def _checkpointing(self):
+        """mlx-lm's grad_checkpoint patches the layer *class*; patch only while our step traces and runs, so
+        other models in this process (evaluation, tests) are untouched."""
+        if not self.plan.gradient_checkpointing:
+            yield
+            return
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        layer_cls = type(self.model.layers[0])
+        original = layer_cls.__call__
+        grad_checkpoint(self.model.layers[0])
+        try:
+            yield
+        finally:
+            layer_cls.__call__ = original
+
+    def _step_fn(self, method: str):
+        """value_and_grad of the method's loss, compiled with the model/optimizer/RNG state (as mlx-lm does)."""
+        if method in self._steps:
+            return self._steps[method]
+        mx = _mx()
+        import mlx.nn as nn
+
+        from backends import mlx_losses as losses
+
+        cfg = self.cfg
+
+        def loss_fn(model, ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens):
+            logps = self._logps(model, ids, b_idx, t_idx, targets)
+            if method == "sft":
+                return losses.sft(logps, weights, denominator)
+            if method == "dpo":
+                return losses.dpo(logps, weights, b_idx, ids.shape[0], seq_extra, cfg.beta, denominator)[0]
+            return losses.grpo(logps, weights, b_idx, seq_extra, None, ref_tokens, cfg.beta, GRPO_EPSILON, denominator)
+
+        value_and_grad = nn.value_and_grad(self.model, loss_fn)
+        state = [self.model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens):
+            return value_and_grad(self.model, ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens)
+
+        self._steps[method] = step
+        return step
+
+    def train_step(self, batch, micro_batch: int, lr: float) -> dict:
         mx = _mx()
         import mlx.optimizers as optim
-        from mlx.utils import tree_flatten
-        from mlx_lm.tuner import trainer as mt
-        from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+        from mlx.utils import tree_map
 
-        cfg, plan, session, accum = self.cfg, self.plan, self, self.plan.grad_accum
-        mx.random.seed(cfg.seed)
-        self.model.freeze()
-        self.lora = {"rank": cfg.lora_r, "scale": cfg.lora_alpha / cfg.lora_r, "dropout": cfg.lora_dropout}
-        layers = self.model.layers
-        linear_to_lora_layers(self.model, len(layers), self.lora, use_dora=cfg.lora_type == "dora")
-        warmup = int(cfg.warmup_ratio * plan.max_steps)
-        # Linear warmup then cosine to 0, counted in optimizer updates: the torch path's "cosine" schedule.
-        schedule = build_schedule({"name": "cosine_decay", "warmup": warmup,
-                                   "arguments": [cfg.learning_rate, max(1, plan.max_steps - warmup), 0.0]})
-        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)  # transformers' default: no decay
-        window, losses = [], []
+        self.model.train()
+        step = self._step_fn(batch.method)
+        grads, total, tokens = None, 0.0, 0
+        denominator = mx.array(batch.denominator, dtype=mx.float32)
+        for chunk, extra in micro_batches(batch, micro_batch):
+            ids, b_idx, t_idx, targets, weights, n = self._arrays(chunk)
+            seq_extra = mx.array(np.asarray(extra.get("ref", extra.get("advantage", [0.0])), np.float32))
+            ref_tokens = None
+            if batch.method == "grpo" and self.cfg.beta:
+                with self.adapter_disabled():
+                    ref_tokens = mx.stop_gradient(self._logps(self.model, ids, b_idx, t_idx, targets))
+            with self._checkpointing():
+                loss, g = step(ids, b_idx, t_idx, targets, weights, denominator, seq_extra,
+                               ref_tokens if ref_tokens is not None else mx.zeros_like(weights))
+                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+                mx.eval(loss, grads)
+            total += float(loss)
+            tokens += sum(r.length for r in chunk)
+        grads, norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+        self.optimizer.learning_rate = lr
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return {**batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
 
-        class Relay(mt.TrainingCallback):
-            """mlx-lm reports every micro-batch (steps_per_report=1); this turns that into the torch backend's
-            events per optimizer step, and runs the eval at plan.eval_steps (mlx-lm's own val pass runs before
-            the step it is due at, and on a batch-rounded subset)."""
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, num_return: int = 1) -> list[list[int]]:
+        """Completions (token ids, up to and including EOS), `num_return` per prompt in order; greedy at 0."""
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
 
-            def on_train_loss_report(self, info):
-                window.append(info["train_loss"])
-                losses.append(info["train_loss"])
-                if info["iteration"] % accum:
-                    return
-                step = info["iteration"] // accum
-                base = {"step": step, "tokens": session.tokens_seen}
-                on_log({"event": "step", **base, "memory_gb": mx.get_peak_memory() / GB})
-                if step % cfg.logging_steps == 0 or step == plan.max_steps:
-                    on_log({"event": "log", **base, "loss": sum(window) / len(window),
-                            "lr": float(info["learning_rate"])})
-                    window.clear()
-                if step % plan.eval_steps == 0:
-                    eval_loss = session.eval_loss(eval_rows)
-                    session.model.train()
-                    on_log({"event": "log", **base, "eval_loss": eval_loss})
-
-        class QuietUI(mt.TrainUI):
-            """mlx-lm's progress display, silenced (a non-zero rank prints nothing): the shared Progress reports."""
-
-            def __init__(self, total_iters, rank=0):
-                super().__init__(total_iters, rank=1)
-
-        layer_cls = type(layers[0])
-        layer_call, train_ui = layer_cls.__call__, mt.TrainUI
-        mt.TrainUI = QuietUI
-        self.tokens_seen = 0
-        mx.reset_peak_memory()  # the training peak; the weights are already resident, so they count
-        start = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(prefix="finetune-mlx-") as scratch:  # mlx-lm saves a final copy here
-                args = mt.TrainingArgs(
-                    batch_size=plan.batch_size, iters=plan.max_steps * accum, steps_per_report=1,
-                    steps_per_save=plan.max_steps * accum + 1, max_seq_length=plan.max_seq_length,
-                    adapter_file=os.path.join(scratch, interop.MLX_WEIGHTS),
-                    grad_checkpoint=plan.gradient_checkpointing, grad_accumulation_steps=accum)
-                mt.train(self.model, optimizer, train_rows, val_dataset=None, args=args, loss=masked_loss,
-                         iterate_batches=self.batches, training_callback=Relay())
-        finally:
-            # grad_checkpoint patches the layer *class*; undo it so other models in this process are untouched
-            layer_cls.__call__, mt.TrainUI = layer_call, train_ui
-        seconds = time.perf_counter() - start
         self.model.eval()
-        trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
-        return TrainResult(train_seconds=seconds, steps=plan.max_steps, tokens_seen=self.tokens_seen,
-                           tokens_per_s=self.tokens_seen / seconds if seconds else 0.0,
-                           final_train_loss=sum(losses) / len(losses) if losses else None,
-                           peak_memory_gb=mx.get_peak_memory() / GB,
-                           extra={"trainable_params": trainable, "peak_memory_source": "mx.get_peak_memory()",
-                                  "mlx_device": str(mx.default_device()), "quantized_base": self.quantized,
-                                  **self.limits})
+        eos = self.tokenizer.eos_token_id
+        sampler = make_sampler(temp=temperature) if temperature > 0 else None
+        gen = BatchGenerator(self.model, stop_tokens=[[eos]], sampler=sampler, max_tokens=max_new_tokens,
+                             completion_batch_size=max(8, self.plan.batch_size))
+        expanded = [list(p) for p in prompts for _ in range(num_return)]
+        uids = gen.insert(expanded, [max_new_tokens] * len(expanded))
+        results = {uid: [] for uid in uids}
+        try:
+            while responses := gen.next_generated():
+                for r in responses:
+                    results[r.uid].append(int(r.token) if r.finish_reason != "stop" else eos)
+        finally:
+            gen.close()
+        return [results[uid] for uid in uids]
 
-    def save_adapter(self, run_dir: str) -> list[str]:
-        """mlx-lm's adapter in run_dir/mlx (for mlx_lm.load(adapter_path=) / mlx_lm.generate --adapter-path),
-        the PEFT adapter converted from it in run_dir, and the tokenizer."""
-        if self.lora is None:
-            raise RuntimeError("save_adapter() before train(): there is no adapter yet")
+    def stream(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, adapter: bool = True):
+        """Token ids of one completion as they are generated (for chat)."""
+        mx = _mx()
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        self.model.eval()
+        sampler = make_sampler(temp=temperature) if temperature > 0 else None
+        with (contextlib.nullcontext() if adapter else self.adapter_disabled()):
+            for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=sampler):
+                yield int(token)
+                if int(token) == self.tokenizer.eos_token_id:
+                    break
+
+    # ---------------------------------------------------------------- files
+    def save_adapter(self, directory: str) -> list[str]:
+        """mlx-lm's adapter in directory/mlx (mlx_lm.load(adapter_path=) / mlx_lm.generate --adapter-path) and
+        the PEFT adapter converted from it in directory."""
         mx = _mx()
         from mlx.utils import tree_flatten
-        from mlx_lm.utils import save_config
 
-        mlx_dir = os.path.join(run_dir, "mlx")
+        from finetune import fsio
+
+        mlx_dir = os.path.join(directory, "mlx")
         os.makedirs(mlx_dir, exist_ok=True)
         weights = os.path.join(mlx_dir, interop.MLX_WEIGHTS)
-        mx.save_safetensors(weights, dict(tree_flatten(self.model.trainable_parameters())))
-        base = self.info.path if self.info.is_tiny else self.info.name  # the tiny model has no Hub id
+        tmp = os.path.join(mlx_dir, ".adapters.tmp.safetensors")
+        mx.save_safetensors(tmp, dict(tree_flatten(self.model.trainable_parameters())))
+        os.chmod(tmp, fsio.FILE_MODE)
+        os.replace(tmp, weights)
+        base = self.info.ref
         # fine_tune_type, num_layers and lora_parameters are what mlx_lm's load_adapters reads
-        save_config({"fine_tune_type": self.cfg.lora_type, "num_layers": len(self.model.layers),
-                     "lora_parameters": self.lora, "model": base, "base_model": base,
-                     "quantized_base": self.quantized}, os.path.join(mlx_dir, interop.CONFIG))
-        files = interop.mlx_to_peft(mlx_dir, run_dir, base)
-        self.tokenizer.save_pretrained(run_dir)
+        fsio.write_json(os.path.join(mlx_dir, interop.CONFIG), {
+            "fine_tune_type": self.lora_type, "num_layers": len(self.model.layers), "lora_parameters": self.lora,
+            "model": base, "base_model": base, "quantized_base": self.quantized})
+        files = interop.mlx_to_peft(mlx_dir, directory, base, overwrite=True)  # our own newer save
         return files + [weights, os.path.join(mlx_dir, interop.CONFIG)]
+
+    def load_adapter_weights(self, directory: str) -> None:
+        self.model.load_weights(os.path.join(directory, "mlx", interop.MLX_WEIGHTS), strict=False)
+
+    def save_state(self, directory: str) -> None:
+        mx = _mx()
+        from mlx.utils import tree_flatten
+
+        mx.save_safetensors(os.path.join(directory, "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+
+    def load_state(self, directory: str) -> None:
+        mx = _mx()
+        from mlx.utils import tree_unflatten
+
+        saved = mx.load(os.path.join(directory, "optimizer.safetensors"))
+        self.optimizer.state = tree_unflatten(list(saved.items()))
+
+    def reseed(self, seed: int) -> None:
+        """The loop seeds every step from (SEED, step): dropout and GRPO sampling repeat exactly on resume."""
+        _mx().random.seed(seed)
+
+    # ---------------------------------------------------------------- memory
+    def describe(self) -> dict:
+        """What run.json records about this session beside the loop's numbers."""
+        mx = _mx()
+        from mlx.utils import tree_flatten
+
+        return {"trainable_params": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
+                "peak_memory_source": "mx.get_peak_memory()", "mlx_device": str(mx.default_device()),
+                "quantized_base": self.quantized, **self.limits}
+
+    def peak_memory_gb(self) -> float:
+        return _mx().get_peak_memory() / GB
+
+    def is_oom(self, err: BaseException) -> bool:
+        text = str(err).lower()
+        return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+            "insufficient memory" in text or "unable to allocate" in text or "out of memory" in text))
+
+    def release_memory(self) -> None:
+        _mx().clear_cache()

@@ -19,6 +19,7 @@ from finetune import data
 from finetune.check_tokens import measure, plan_steps, preview, template_warnings  # noqa: F401 (train uses it)
 from finetune.data import Example
 from finetune.errors import UserError
+from finetune.methods import NAMES as TRAINABLE
 from finetune.shapes import ALIASES, METHODS, REWARD_COLUMNS, Problem, label_value, row_problems, verdict
 
 MAX_PRINTED = 20          # problems in the text report; --json carries up to MAX_JSON
@@ -214,7 +215,7 @@ def _position(where: str, order: dict[str, int]) -> tuple[int, int]:
 # ---------------------------------------------------------------- the command
 def add_arguments(parser) -> None:
     parser.add_argument("path", help="file, directory with train.* (+ validation.*), 'sample', or a Hugging Face dataset id")
-    parser.add_argument("--method", choices=METHODS, default=None, help="method to check for (default METHOD or sft)")
+    parser.add_argument("--method", choices=TRAINABLE, default=None, help="method to check for (default METHOD or sft)")
     parser.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
                         help="rename a column before checking (repeatable); same as COLUMN_MAP=old=new,...")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="render N rows as training sees them")
@@ -241,20 +242,20 @@ def run(args) -> Report:
     from finetune import models
     from finetune.config import resolve
 
-    method = args.method or os.environ.get("METHOD") or "sft"
-    if method not in METHODS:
-        raise UserError(f"METHOD={method!r} is not valid for check-data: choose one of {', '.join(METHODS)}")
-    env = {k: v for k, v in os.environ.items() if k != "METHOD"}  # train accepts only sft today; check-data all
     given = {"dataset": args.path, "model": args.model, "max_seq_length": args.max_seq_length,
-             "column_map": ",".join(args.map) if args.map else None}
-    cfg, sources = resolve({k: v for k, v in given.items() if v is not None}, env=env)
+             "column_map": ",".join(args.map) if args.map else None, "method": args.method}
+    cfg, sources = resolve({k: v for k, v in given.items() if v is not None})  # METHOD validated as train does
+    method = cfg.method
     map_where = {"cli": "--map", "env": "COLUMN_MAP"}.get(sources["column_map"], "column_map")
-    report = scan(args.path, method, data.parse_column_map(cfg.column_map, map_where), map_where, cfg.val_split)
+    from finetune import methods
+
+    spec = methods.get(method).SAMPLE_DIR if args.path == "sample" else args.path  # the method's shipped sample
+    report = scan(spec, method, data.parse_column_map(cfg.column_map, map_where), map_where, cfg.val_split)
     if report.errors and not args.show:
         return report  # fail fast: no tokenizer (and no transformers import) for data that cannot train
     model, banner = models.resolve(cfg.model, user_named_it=sources["model"] != "default")
     if banner:
-        from finetune.train import banner as boxed
+        from finetune.outputs import banner as boxed
 
         print(boxed(banner), file=sys.stderr if args.json else sys.stdout)
     report.model = model.name
@@ -274,7 +275,8 @@ def format_report(r: Report) -> str:
     for m, v in r.verdicts.items():
         detail = v.get("reason") or v["form"] + (f"; {v['errors']} error(s) in rows" if v.get("errors") else "") + \
             (f"; {v['note']}" if v.get("note") else "")
-        lines.append(f"  {'*' if m == r.method else ' '} {m:<5} {v['status']:<14} {detail}")
+        trainable = "" if m in TRAINABLE else " (format check only: train runs " + "/".join(TRAINABLE) + ")"
+        lines.append(f"  {'*' if m == r.method else ' '} {m:<5} {v['status']:<14} {detail}{trainable}")
     listed = r.errors + r.warnings
     lines.append(f"Problems: {_count(r)}" if listed else "Problems: none")
     lines += [f"  {p.level:<7} {p}" for p in listed[:MAX_PRINTED]]

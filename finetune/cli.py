@@ -10,7 +10,7 @@ from finetune import check_data  # light: the tokenizer (and torch) load only wh
 from finetune.config import FIELDS, _base_type, flag_name, resolve
 from finetune.errors import UserError
 
-COMMANDS = ("train", "doctor", "check-data", "convert")
+COMMANDS = ("train", "doctor", "check-data", "convert", "runs", "chat", "export", "push", "jobs")
 
 
 def _train_parser(sub) -> None:
@@ -35,6 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="directory for the converted adapter")
     convert.add_argument("--base", default=None, help="base model id/path recorded in a PEFT adapter_config.json")
     check_data.add_arguments(sub.add_parser("check-data", help="which methods a dataset fits, its problems and stats"))
+    runs = sub.add_parser("runs", help="run directories with their status, step reached, eval loss and resume command")
+    runs.add_argument("root", nargs="?", default="outputs", help="folder holding run directories (default outputs)")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    from finetune import chat, jobs
+
+    chat.add_arguments(sub.add_parser("chat", help="talk to a trained adapter (streamed; --prompt for one answer)"))
+    export = sub.add_parser("export", help="merged model folder, GGUF for llama.cpp / Ollama / LM Studio")
+    export.add_argument("run_dir", nargs="?", help="a run directory")
+    export.add_argument("--merge", action="store_true", help="write RUN_DIR/merged (base dtype)")
+    export.add_argument("--gguf", action="append", default=[], metavar="TYPE",
+                        help="f16, bf16, q8_0 or a K-quant such as q4_k_m (repeatable); also writes a Modelfile")
+    export.add_argument("--out", default=None, help="output folder (default RUN_DIR/merged or RUN_DIR/gguf)")
+    export.add_argument("--install-tools", action="store_true",
+                        help="download and build llama.cpp's converter and quantizer now (~5 min, once)")
+    push = sub.add_parser("push", help="upload a run to the Hugging Face Hub with a model card")
+    push.add_argument("run_dir", help="a run directory")
+    push.add_argument("--repo", required=True, help="user/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--what", default="adapter", choices=("adapter", "merged", "gguf"), help="what to upload")
+    jobs.add_arguments(sub.add_parser("jobs", help="Hugging Face Jobs: list, status, logs, cancel, pull"))
     return parser
 
 
@@ -63,6 +83,25 @@ def doctor(as_json: bool) -> int:
     return 0
 
 
+def export_command(args) -> int:
+    from finetune import export, llamacpp
+
+    if args.install_tools:
+        for path in llamacpp.install():
+            print(f"ready: {path}")
+        if not args.run_dir:
+            return 0
+    if not args.run_dir or not (args.merge or args.gguf):
+        raise UserError("export needs a RUN_DIR and --merge and/or --gguf TYPE (e.g. --gguf q4_k_m)")
+    quants = [export.check_quant(q) for q in args.gguf]  # every type checked before any work starts
+    if args.merge:
+        print(f"wrote {export.merge(args.run_dir, args.out if not quants else None)}")
+    for q in quants:
+        for path in export.gguf(args.run_dir, q, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
@@ -79,6 +118,27 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check-data":
             return check_data.main(args)
+        if args.command == "chat":
+            from finetune import chat
+
+            return chat.main(args)
+        if args.command == "export":
+            return export_command(args)
+        if args.command == "push":
+            from finetune import hub
+
+            hub.push_run(args.run_dir, args.repo, args.what, args.private)
+            return 0
+        if args.command == "jobs":
+            from finetune import jobs
+
+            return jobs.main(args)
+        if args.command == "runs":
+            from finetune import runs
+
+            found = runs.find(args.root)
+            print(json.dumps(found, indent=2) if args.json else runs.format_table(found))
+            return 0
         import backends
         from finetune import train
 

@@ -341,11 +341,13 @@ def locate(spec: str, label: str | None = None) -> tuple[str, str | None, str]:
     return f"hf:{spec}", None, f"hf:{spec}"
 
 
-def load(spec: str, val_split: float, seed: int, column_map: str | dict | None = None) -> Splits:
+def load(spec: str, val_split: float, seed: int, column_map: str | dict | None = None,
+         label: str | None = None) -> Splits:
     """`spec` is 'sample', a file, a directory with train.* (+ validation.*), or a Hugging Face dataset id.
     Every row is checked; all errors (of both files) are raised together as one DataError."""
     mapping = parse_column_map(column_map)
-    train_src, val_src, source = locate(spec)
+    label = label or f"DATASET={spec}"
+    train_src, val_src, source = locate(spec, label)
     train, problems = load_file(train_src, mapping)
     val = None
     if val_src:
@@ -360,9 +362,40 @@ def load(spec: str, val_split: float, seed: int, column_map: str | dict | None =
             raise UserError(f"{val[0].where}: validation shape '{val[0].shape}' differs from train '{train[0].shape}'")
         return Splits(train, val, source, train[0].shape, warnings=warnings, rows=train + val)
     if len(train) < 2:
-        raise UserError(f"DATASET={spec}: needs at least 2 rows to hold one out for evaluation, found {len(train)}")
+        raise UserError(f"{label}: needs at least 2 rows to hold one out for evaluation, found {len(train)}")
     rows = list(train)
     random.Random(seed).shuffle(rows)
     n_val = max(1, min(len(rows) - 1, round(len(rows) * val_split)))
     return Splits(rows[n_val:], rows[:n_val], source, rows[0].shape,
                   validation_source=f"carved {n_val} rows ({val_split:.0%}, seed {seed})", warnings=warnings, rows=train)
+
+
+def load_items(spec: str, val_split: float, seed: int, column_map, label: str, convert) -> tuple:
+    """Rows of another method's shape (DPO pairs, GRPO prompts): every row checked by `convert(row, where) ->
+    (item or None, problems)`, all errors raised together, a validation split carved when there is no file.
+    Returns (train, validation, source, validation_source, warning lines)."""
+    mapping = parse_column_map(column_map)
+    train_src, val_src, source = locate(spec, label)
+    items, problems = {}, []
+    for src in [train_src] + ([val_src] if val_src else []):
+        rows, found = read_file(src, mapping)
+        problems += found
+        items[src] = []
+        for where, row in rows:
+            item, row_problems = convert(row, where)
+            problems += row_problems
+            if item is not None:
+                items[src].append(item)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise DataError(errors, f"(`finetune check-data {spec}` reports every problem)")
+    warnings = [str(p) for p in problems if p.level == "warning"]
+    train = items[train_src]
+    if val_src:
+        return train, items[val_src], source, "file", warnings
+    if len(train) < 2:
+        raise UserError(f"{label}: needs at least 2 rows to hold one out for evaluation, found {len(train)}")
+    rows = list(train)
+    random.Random(seed).shuffle(rows)
+    n_val = max(1, min(len(rows) - 1, round(len(rows) * val_split)))
+    return rows[n_val:], rows[:n_val], source, f"carved {n_val} rows ({val_split:.0%}, seed {seed})", warnings

@@ -36,6 +36,7 @@ class Hardware:
     mlx_available: bool = False
     mlx_device: str | None = None  # "gpu" on Apple Silicon, "cpu" for mlx[cpu] on Linux
     packages: dict[str, str] = field(default_factory=dict)  # installed backend packages -> version
+    cpu_peak_gflops: dict[str, float] = field(default_factory=dict)  # this run's matmul probe, "fp32"/"bf16"
 
     @property
     def apple_silicon(self) -> bool:
@@ -193,6 +194,32 @@ def detect() -> Hardware:
         cpu_features=features, cuda_devices=cuda, mps_available=mps,
         mlx_available=mlx_ok, mlx_device=mlx_device, packages=packages,
     )
+
+
+def measure_cpu_peak(bf16: bool, seconds: float = 0.5) -> dict[str, float]:
+    """The CPU's dense matmul rate (GFLOP/s): the best of 1024^3 trials over ~`seconds` per dtype, with all
+    threads. The planner's time estimate uses it, because CPUs differ between machines; the best trial, not
+    the mean, because a shared machine's neighbours come and go (the planner also floors it by a table)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and not bf16:
+            continue
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = max(best, 4 * 2 * 1024 ** 3 / (time.perf_counter() - start))
+        out[name] = round(best / 1e9, 1)
+    return out
 
 
 def _bf16_matmul(hw: Hardware) -> str:

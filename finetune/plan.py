@@ -24,12 +24,21 @@ NF4_BYTES = 0.5625      # bitsandbytes NF4: 4 bits/weight + one fp32 absmax per 
 QUANT_DEVICES = {"cuda": "bitsandbytes NF4", "mlx": "MLX affine, group 64"}  # where QLoRA exists
 LORA_BYTES = 4          # PEFT keeps adapter weights in fp32
 ADAM_BYTES = 12         # per trainable param: fp32 grad + AdamW exp_avg + exp_avg_sq
-LOGIT_BYTES = 4 * 2     # fp32 logits (the loss upcasts) + their gradient
-# Saved activations per token per layer without checkpointing, in elements of the compute dtype:
-# norms/residuals/q/o/attn-out ~8h, MLP gate/up/act/product ~4I, k and v 2*kv_dim.
+# Saved activations per token per layer, in "activation elements": norms/residuals/q/o/attn-out ~8h,
+# MLP gate/up/act/product ~4I, k and v 2*kv_dim.
 ACT_H, ACT_I, ACT_KV = 8, 4, 2
-# Fixed runtime overhead: python + torch CPU libs, the CUDA context, the Metal/MLX runtime.
-OVERHEAD_GB = {"cpu": 1.0, "cuda": 0.8, "mps": 0.6, "mlx": 0.3}
+# Bytes per activation element / per hidden element kept by checkpointing / per vocab entry of a trained
+# token's logits (logits, log-softmax and their gradients, fp32; logits exist only at trained positions).
+# CPU values: fitted by bench/planner.py on SmolLM2-135M (2026-11-23): 23 cells of batch 1/4/16 x rows of
+# 88/438 tokens x checkpointing x fp32/bf16, every one within +-10% of the measured peak RSS. bf16 means
+# autocast with fp32 norms/residual/LoRA, so it is not half of fp32. GPU/MLX: the compute dtype's size
+# (unmeasured here: no GPU was available; MLX reports its own peak in run.json).
+CPU_ACT_BYTES = {"fp32": 5.9, "bf16": 3.25}
+CPU_CKPT_BYTES = {"fp32": 27.5, "bf16": 2.8}
+LOGIT_BYTES = 33
+EAGER_SCORE_BYTES = 8   # eager attention keeps scores + probabilities (heads x seq x seq) for backward
+# Fixed runtime: python + torch + transformers (CPU: fitted, 0.49 GB), the CUDA context, the Metal/MLX runtime.
+OVERHEAD_GB = {"cpu": 0.49, "cuda": 0.8, "mps": 0.6, "mlx": 0.3}
 
 # Budgets: the share of memory a plan may use.
 APPLE_SHARE, APPLE_OS_RESERVE_GB = 0.70, 3.0  # macOS caps GPU-wired memory at ~75% of RAM by default,
@@ -38,26 +47,44 @@ CUDA_SHARE = 0.90                              # allocator fragmentation + cuBLA
 CPU_TOTAL_SHARE, CPU_AVAILABLE_SHARE = 0.75, 0.90
 
 KIND_LABEL = {"unified": "unified memory", "vram": "VRAM", "ram": "RAM"}
+TIGHT_SHARE = 0.85        # CUDA: above this share of the budget, page the optimizer state (8-bit, bitsandbytes)
+PAGED_8BIT_FACTOR = 6 / 12  # per trainable param: fp32 grad + two 8-bit moments (+ blockwise scales) vs 12 bytes
 TARGET_EFFECTIVE_BATCH = 16
 BATCH_CANDIDATES = (1, 2, 4, 8, 16)
 
 # Peak 16-bit dense FLOP/s (tensor cores). Matched on the device name; order matters only for clarity.
-CUDA_PEAK = ((r"H100", 400e12), (r"A100", 312e12), (r"\bL4\b", 121e12), (r"A10G", 125e12),
-             (r"4090", 165e12), (r"\bT4\b", 65e12))
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (not measured here: no GPU was available to us;
+# EFFICIENCY_GPU below is the guess that a GPU session must calibrate, see README "Measured").
+CUDA_PEAK = ((r"H200", 989e12), (r"H100", 989e12), (r"A100", 312e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
+             (r"A10G", 125e12), (r"4090", 165e12), (r"\bT4\b", 65e12))
 CUDA_PEAK_FALLBACK = 50e12
 CUDA_FP32_FACTOR = 0.25       # fp32 skips the tensor cores (unless TF32 is on)
 APPLE_PEAK = 10e12            # an M-series Max GPU; scaled by tier below
 APPLE_TIER = (("Ultra", 2.0), ("Max", 1.0), ("Pro", 0.5))
 APPLE_TIER_BASE = 0.3
-CPU_PEAK_PER_CORE = {"amx": 1.0e12, "avx512_bf16": 0.2e12, "fp32": 0.14e12,  # avx512_bf16: measured, 2-core VM
-                     "mlx_cpu": 2.5e9}  # mlx[cpu] 0.32, 1024x1024 fp32 matmul: 5 GFLOP/s on 2 cores (torch: 128)
+# Per-core dense matmul rates measured on 2-core VMs (best of many trials): AMX bf16 ~457 G (913 on 2 cores),
+# AVX-512-bf16 ~207 G, fp32 on either ~95-103 G. mlx[cpu] 0.32: 1024^3 fp32 at 5 GFLOP/s on 2 cores.
+CPU_PEAK_PER_CORE = {"amx": 0.45e12, "avx512_bf16": 0.2e12, "fp32_avx512": 0.095e12, "fp32": 0.05e12,
+                     "mlx_cpu": 2.5e9}
 # bench/cpu_dtype.py (AVX-512-bf16, no AMX, 2 cores): LoRA training bf16/fp32 = 0.84x at 0.9M params,
 # 1.36x at 4.7M, 1.38x at 17M, 1.48x at 39M, 1.62x at 91M. Below this size fp32 is faster.
 CPU_BF16_MIN_PARAMS = 4_000_000
-# Per micro-batch overhead, seconds. CPU: the default tiny run (63 steps x 16 rows) took 16.7 s for ~4 s of
-# matmul work on 2 cores. GPU figures are the usual launch/optimizer overhead of a small LoRA step (unmeasured).
-STEP_OVERHEAD_S = {"cpu": 0.15, "cuda": 0.03, "mps": 0.05, "mlx": 0.05}
-EFFICIENCY_GPU, EFFICIENCY_CPU = 0.35, 0.25
+# Per micro-batch overhead, seconds (CPU: bench/planner.py's batch-1 cells). GPU figures are the usual launch /
+# optimizer overhead of a small LoRA step (unmeasured: no GPU was available).
+STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.03, "mps": 0.05, "mlx": 0.05}
+# The first step also pays for allocating (page-faulting) the activation memory and creating the matmul kernels:
+# on the CPU it costs ~2.5 ordinary steps (bench/planner.py: 5-step cells vs 30-step bench/speed.py runs).
+WARMUP_STEPS = {"cpu": 1.5}
+# Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the
+# run itself measures (hardware.measure_cpu_peak, best trial): bf16 0.47 with eager attention on short rows, 0.37
+# with the flash kernel on long rows, fp32 0.55 (bench/planner.py, bench/speed.py). GPU: a guess to calibrate.
+EFFICIENCY_GPU = 0.35
+EFFICIENCY_CPU = {("bf16", "eager"): 0.47, ("bf16", "sdpa"): 0.37, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
+CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
+DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
+# torch on the CPU: eager attention is faster than the CPU flash kernel for short rows (bench: +17% at ~90 tokens),
+# but keeps the heads x seq x seq scores for backward, so only below this length.
+EAGER_MAX_TOKENS = 256
 
 
 @dataclass
@@ -70,6 +97,7 @@ class Plan:
     max_seq_length: int
     max_steps: int
     eval_steps: int
+    save_steps: int
     gradient_checkpointing: bool
     dtype: str
     quantize: str
@@ -81,6 +109,9 @@ class Plan:
     est_seconds: float = 0.0
     est_tokens_per_s: float = 0.0
     reasons: list[str] = field(default_factory=list)
+    sequences_per_item: int = 1   # DPO: chosen + rejected; GRPO: completions are the items
+    attention: str = "sdpa"       # torch: "eager" for short rows on the CPU (faster there), else "sdpa"
+    optimizer: str = "adamw"      # "paged_adamw_8bit" (bitsandbytes) on CUDA when memory is tight
 
     def to_dict(self) -> dict:
         # Rounded for run.json / printing; the planner compares the unrounded values.
@@ -99,7 +130,7 @@ def _linear_params(model: ModelInfo) -> int:
 
 
 def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dtype: str, quantize: str,
-                    lora_r: int, device: str) -> dict[str, float]:
+                    lora_r: int, device: str, trained_share: float = 0.3, attention: str = "sdpa") -> dict[str, float]:
     """Predicted training peak in GB per component, plus "total"."""
     h, inter, layers = model.hidden_size, model.intermediate_size, model.num_layers
     kv = model.num_kv_heads * model.head_dim
@@ -108,16 +139,21 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
     rest = max(0, model.num_params - linear)  # embeddings, lm_head, norms: never quantized
     if quantize == "4bit":
         weights = linear * NF4_BYTES + rest * nbytes
+    elif device == "cpu":  # loaded in fp32; in bf16 runs the linear weights get bf16 copies (the peak keeps both)
+        weights = model.num_params * 4 + (linear * 2 if dtype == "bf16" else 0)
     else:
         weights = model.num_params * nbytes
     # LoRA on q,k,v,o,gate,up,down: r*(in+out) each.
     lora_params = layers * lora_r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
     tokens = batch * seq
-    one_layer = tokens * (ACT_H * h + ACT_I * inter + ACT_KV * kv) * nbytes
-    if device == "mps":  # MPS runs the math attention path: the heads*seq*seq scores are kept for backward
-        one_layer += batch * model.num_heads * seq * seq * nbytes
+    elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
+    act_bytes = CPU_ACT_BYTES[dtype] if device == "cpu" else nbytes
+    one_layer = tokens * elements * act_bytes
+    if device == "mps" or attention == "eager":  # the heads*seq*seq scores are kept for backward
+        one_layer += batch * model.num_heads * seq * seq * (EAGER_SCORE_BYTES if device == "cpu" else nbytes)
     if grad_ckpt:  # keep each layer's input; recompute one layer at a time in backward
-        activations = layers * tokens * h * nbytes + one_layer
+        kept = CPU_CKPT_BYTES[dtype] if device == "cpu" else nbytes
+        activations = layers * tokens * h * kept + one_layer
     else:
         activations = layers * one_layer
     parts = {
@@ -125,7 +161,7 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
         "lora": lora_params * LORA_BYTES / GB,
         "optimizer": lora_params * ADAM_BYTES / GB,
         "activations": activations / GB,
-        "logits": tokens * model.vocab_size * LOGIT_BYTES / GB,
+        "logits": tokens * trained_share * model.vocab_size * LOGIT_BYTES / GB,
         "overhead": OVERHEAD_GB.get(device, OVERHEAD_GB["cpu"]),
     }
     parts["total"] = sum(parts.values())
@@ -179,24 +215,36 @@ def pick_dtype(hw: Hardware, device: str, cfg_dtype: str, num_params: int | None
     return "fp32", "dtype fp32: the CPU has no bf16 instructions, so bf16 would be emulated (slow)"
 
 
-def _peak_flops(hw: Hardware, device: str, dtype: str) -> tuple[float, float]:
-    """(peak FLOP/s, efficiency)."""
+def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") -> tuple[float, float, str]:
+    """(peak FLOP/s, efficiency, where the peak comes from)."""
     if device == "cuda" or (device == "mlx" and hw.mlx_device == "gpu" and hw.cuda_devices):  # + mlx-cuda
         name = hw.cuda_devices[0].name if hw.cuda_devices else ""
         peak = next((p for pat, p in CUDA_PEAK if re.search(pat, name)), CUDA_PEAK_FALLBACK)
-        return peak * (CUDA_FP32_FACTOR if dtype == "fp32" else 1.0), EFFICIENCY_GPU
+        return peak * (CUDA_FP32_FACTOR if dtype == "fp32" else 1.0), EFFICIENCY_GPU, "datasheet"
     if _unified(hw, device):
         tier = next((t for word, t in APPLE_TIER if word in hw.chip), APPLE_TIER_BASE)
-        return APPLE_PEAK * tier, EFFICIENCY_GPU
+        return APPLE_PEAK * tier, EFFICIENCY_GPU, "table"
+    eff = EFFICIENCY_CPU[(dtype if dtype in ("bf16", "fp32") else "fp32", attention)]
     if device == "mlx":  # mlx[cpu]: its own CPU matmul, far below the BLAS torch uses
         per_core = CPU_PEAK_PER_CORE["mlx_cpu"]
     elif dtype == "bf16" and "amx_bf16" in hw.cpu_features:
         per_core = CPU_PEAK_PER_CORE["amx"]
     elif dtype == "bf16" and hw.cpu_bf16:
         per_core = CPU_PEAK_PER_CORE["avx512_bf16"]
+    elif any(f.startswith("avx512") for f in hw.cpu_features):
+        per_core = CPU_PEAK_PER_CORE["fp32_avx512"]
     else:
         per_core = CPU_PEAK_PER_CORE["fp32"]
-    return max(1, hw.cpu_cores) * per_core, EFFICIENCY_CPU
+    table = max(1, hw.cpu_cores) * per_core
+    measured = (hw.cpu_peak_gflops or {}).get(dtype)
+    if device == "cpu" and measured:
+        # This run's own probe, unless it reads below the table for this instruction set: on a shared machine a
+        # neighbour can halve a probe for seconds (measured: 1 s probes read 112-180 G fp32, 214-415 G bf16 on one
+        # host) while a minutes-long run averages it out.
+        if measured * 1e9 >= table:
+            return measured * 1e9, eff, "measured"
+        return table, eff, f"table; this run's probe read {measured:.0f} GFLOP/s, a busy moment"
+    return table, eff, "table"
 
 
 def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str, total: float,
@@ -212,10 +260,12 @@ def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str
 
 
 def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
-         n_train_rows: int, mean_tokens: float, max_tokens: int | None = None) -> Plan:
+         n_train_rows: int, mean_tokens: float, max_tokens: int | None = None, sequences_per_item: int = 1,
+         draws_per_item: float = 1.0, trained_share: float = 0.3, sampled_per_item: int = 0) -> Plan:
     """Fill the auto fields of `cfg` for this machine; user-set values are kept as given.
     `max_tokens` (the longest encoded row) lets memory be planned for the data actually present:
-    batches are padded to their longest row, never to MAX_SEQ_LENGTH."""
+    batches are padded to their longest row, never to MAX_SEQ_LENGTH. `trained_share` is the share of tokens
+    that carry loss (logits exist only there); `sampled_per_item` the tokens GRPO generates per completion."""
     seq = min(cfg.max_seq_length, max_tokens) if max_tokens else cfg.max_seq_length
     dtype, why = pick_dtype(hw, device, cfg.dtype, model.num_params)
     reasons = [why]
@@ -225,8 +275,11 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     kind, total, budget = memory_budget(hw, device)
     reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}")
 
+    attention = "eager" if device == "cpu" and seq <= EAGER_MAX_TOKENS else "sdpa"
+
     def peak(batch: int, ckpt: bool, quant: str) -> float:
-        return estimate_memory(model, batch, seq, ckpt, dtype, quant, cfg.lora_r, device)["total"]
+        return estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
+                               trained_share, attention)["total"]
 
     ckpt_fixed = {"on": True, "off": False}.get(cfg.gradient_checkpointing)
     lean_ckpt = True if ckpt_fixed is None else ckpt_fixed  # the smallest-memory setting allowed
@@ -261,7 +314,8 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         bigger = [b for b in BATCH_CANDIDATES if b > batch]
         limit = ("the target" if not bigger else "the training rows" if bigger[0] > cap else "memory")
         reasons.append(f"batch size {batch}: largest of {'/'.join(map(str, BATCH_CANDIDATES))} "
-                       f"that fits ({peak(batch, lean_ckpt, quant):.1f} GB), limited by {limit}")
+                       f"that fits ({peak(batch, lean_ckpt, quant):.1f} GB"
+                       f"{' with checkpointing' if lean_ckpt else ''}), limited by {limit}")
 
     # Checkpointing only when needed: it recomputes the forward pass (~+33% time).
     if ckpt_fixed is not None:
@@ -280,8 +334,16 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     reasons.append(f"grad accumulation {grad_accum}: " + ("set by you" if cfg.grad_accum else
                    f"effective batch {batch * grad_accum} (target {TARGET_EFFECTIVE_BATCH})"))
 
-    breakdown = estimate_memory(model, batch, seq, ckpt, dtype, quant, cfg.lora_r, device)
+    breakdown = estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
+                                trained_share, attention)
     predicted = breakdown.pop("total")
+    optimizer = "adamw"
+    if device == "cuda" and predicted > TIGHT_SHARE * budget:
+        optimizer = "paged_adamw_8bit"
+        breakdown["optimizer"] *= PAGED_8BIT_FACTOR
+        predicted = sum(breakdown.values())
+        reasons.append(f"optimizer paged 8-bit AdamW (bitsandbytes): predicted {predicted:.1f} GB is over "
+                       f"{TIGHT_SHARE:.0%} of the budget, and its state can page to host memory")
     if predicted > budget:  # only reachable when the user fixed something; their call, so warn
         reasons.append(f"warning: predicted {predicted:.1f} GB exceeds budget {budget:.1f} GB; "
                        f"expect swapping or out-of-memory")
@@ -290,27 +352,43 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         max_steps = cfg.max_steps
         reasons.append(f"max steps {max_steps}: set by you")
     else:
-        max_steps = max(1, math.ceil(cfg.epochs * n_train_rows / (batch * grad_accum)))
+        max_steps = max(1, math.ceil(cfg.epochs * n_train_rows * draws_per_item / (batch * grad_accum)))
         reasons.append(f"max steps {max_steps}: {cfg.epochs:g} epoch(s) x {n_train_rows} rows "
-                       f"/ {batch * grad_accum} per step")
+                       f"/ {batch * grad_accum / draws_per_item:g} per step")
     eval_steps = cfg.eval_steps or max(1, max_steps // 5)
 
-    # Time: LoRA training ~ 4*N FLOPs/token (forward 2N + activation grads 2N), +2N to recompute.
+    # Time: LoRA training ~ 4N FLOPs/token (forward 2N + activation grads 2N; no weight grads for frozen
+    # layers) + attention (12 x layers x seq x hidden), x the recompute factor with checkpointing.
     row_tokens = min(mean_tokens, seq) if mean_tokens > 0 else seq  # unknown length: assume full rows
-    tokens = max_steps * batch * grad_accum * row_tokens
-    peak_flops, eff = _peak_flops(hw, device, dtype)
-    compute_s = tokens * (6 if ckpt else 4) * model.num_params / (peak_flops * eff)
-    # Fixed cost per optimizer step (dataloader, autograd bookkeeping, optimizer); dominates small models.
-    seconds = compute_s + max_steps * grad_accum * STEP_OVERHEAD_S.get(device, 0.05)
+    tokens = max_steps * batch * grad_accum * sequences_per_item * row_tokens
+    peak_flops, eff, peak_source = _peak_flops(hw, device, dtype, attention)
+    flops_per_token = 4 * model.num_params + 12 * model.num_layers * row_tokens * model.hidden_size
+    compute_s = tokens * flops_per_token * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1) / (peak_flops * eff)
+    # Fixed cost per micro-batch (batching, autograd bookkeeping, optimizer); dominates small models.
+    seconds = (compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps)
+               + max_steps * grad_accum * STEP_OVERHEAD_S.get(device, 0.05))
+    if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
+        per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
+        seconds += max_steps * sampled_per_item * per_position
     tokens_per_s = tokens / seconds
-    reasons.append(f"speed: assumes {peak_flops / 1e12:.1f} TFLOP/s peak x {eff:.0%} efficiency "
+    reasons.append(f"speed: assumes {peak_flops / 1e12:.2f} TFLOP/s peak ({peak_source}) x {eff:.0%} efficiency "
                    f"(rough table; run.json records the measured tokens/s)")
 
+    save_steps = cfg.save_steps or save_steps_default(max_steps, seconds)
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
-                max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, gradient_checkpointing=ckpt,
+                max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, save_steps=save_steps,
+                gradient_checkpointing=ckpt, sequences_per_item=sequences_per_item, attention=attention,
+                optimizer=optimizer,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
                 est_tokens_per_s=tokens_per_s, reasons=reasons)
+
+
+def save_steps_default(max_steps: int, est_seconds: float) -> int:
+    """Checkpoint every ~10 minutes or 10% of the run, whichever comes first."""
+    per_step = est_seconds / max(1, max_steps)
+    by_time = int(600 / per_step) if per_step > 0 else max_steps
+    return max(1, min(by_time, math.ceil(max_steps / 10)))
 
 
 def _hms(seconds: float) -> str:
@@ -327,13 +405,14 @@ def format_plan(plan: Plan) -> str:
         ("batch x grad accum", f"{plan.batch_size} x {plan.grad_accum} = "
                                f"{plan.batch_size * plan.grad_accum} effective"),
         ("max seq length", str(plan.max_seq_length)),
-        ("steps", f"{plan.max_steps} (eval every {plan.eval_steps})"),
+        ("steps", f"{plan.max_steps} (eval every {plan.eval_steps}, checkpoint every {plan.save_steps})"),
         ("grad checkpointing", "on" if plan.gradient_checkpointing else "off"),
         ("dtype", plan.dtype),
         ("quantize", plan.quantize),
         ("memory", f"{plan.memory_kind} {plan.memory_total_gb:.1f} GB, budget {plan.budget_gb:.1f} GB"),
         ("predicted peak", f"{plan.predicted_peak_gb:.2f} GB = {parts}"),
-        ("time estimate", f"{_hms(plan.est_seconds)} (~{plan.est_tokens_per_s:,.0f} tokens/s)"),
+        ("time estimate", f"{_hms(plan.est_seconds)} of training steps (~{plan.est_tokens_per_s:,.0f} tokens/s; "
+                          "evaluation comes on top)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["Plan"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["Why"]

@@ -1,13 +1,13 @@
 """Progress display shared by every backend: one line with step, loss, tokens/s, ETA and memory.
 
-Backends call `Progress.__call__` with plain dict events ({"event": "step"|"log", "step", "tokens",
-"loss", "eval_loss", "memory_gb", ...}); "log" events are also appended to metrics.jsonl.
+The loop calls `Progress.__call__` with plain dict events ({"event": "step"|"log", "step", "tokens",
+"seconds", "loss", "eval_loss", "memory_gb", ...}); "log" events are also appended to metrics.jsonl.
+`seconds` and `tokens` count the whole run, so a resumed run shows the same rate and ETA as before.
 """
 from __future__ import annotations
 
 import json
 import sys
-import time
 
 
 def hms(seconds: float) -> str:
@@ -16,36 +16,36 @@ def hms(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, metrics_path: str | None, stream=None):
+    def __init__(self, total_steps: int, metrics_path: str | None, stream=None, tracker=None):
         self.total = total_steps
+        self.tracker = tracker
         self.metrics_path = metrics_path
         self.stream = stream or sys.stdout
-        self.start = time.perf_counter()
         self.last_loss: float | None = None
-        self.last_line = 0.0
-        self.records: list[dict] = []
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, event: dict) -> None:
-        elapsed = time.perf_counter() - self.start
         if event.get("event") == "log":
             record = {k: v for k, v in event.items() if k != "event"}
-            record["elapsed_s"] = round(elapsed, 3)
-            self.records.append(record)
             if self.metrics_path:
                 with open(self.metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
+            if self.tracker:
+                self.tracker.log(record)
             self.last_loss = record.get("loss", self.last_loss)
-            if "eval_loss" in record:
-                self._print(f"  eval @ step {record['step']}: eval_loss {record['eval_loss']:.4f}", final=True)
+            shown = {k: v for k, v in record.items() if k.startswith("eval_") or k.startswith("reward")}
+            if "eval_loss" in record or any(k.startswith("eval_") for k in record):
+                text = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                self._print(f"  eval @ step {record['step']}: {text}", final=True)
             return
         step = event.get("step", 0)
         done = step >= self.total
         # Non-TTY output (CI logs, training_log.txt) gets a line every 10% instead of a redraw per step.
         if not self.tty and not done and step % max(1, self.total // 10):
             return
-        tok_s = event.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        seconds = event.get("seconds") or 0.0
+        tok_s = event.get("tokens", 0) / seconds if seconds > 0 else 0.0
+        eta = seconds / step * (self.total - step) if step else 0.0
         width = 24
         bar = "#" * int(width * step / max(self.total, 1))
         loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "-"

@@ -1,41 +1,55 @@
-"""The one path a training run takes, top to bottom. Every input check happens before the run
-directory exists and before model weights load, so bad input leaves nothing behind."""
+"""The one path a training run takes, top to bottom. Every input check happens before the run directory
+exists and before model weights load, so bad input leaves nothing behind; once training runs, a stop for
+any reason (Ctrl-C, SIGTERM, an error, a full disk) leaves the adapter it trained and a record saying why.
+
+    rows     = method.read(cfg)                      validate the data (all errors at once)
+    model    = models.resolve(cfg.model)              config + tokenizer only; offline model if needed
+    prepared = method.prepare(rows, tokenizer)       token ids + loss masks (finetune.template)
+    plan     = planner.make(...)                     batch, checkpointing, dtype, 4-bit, memory, time
+    cfg      = resolved(cfg, plan)                   every auto setting decided, as run.json records it
+    session  = backend.load(...)                     weights (+ the ADAPTER it continues)
+    before   = method.evaluate_model(session)
+    loop.run(session, method, prepared, ...)         steps, logging, eval, checkpoints, signals, OOM
+    after    = method.evaluate_model(session); report.md, run.json, loss.png
+"""
 from __future__ import annotations
 
 import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import backends
-from finetune import __version__, check_data, data, hardware, models, outputs, plan as planner
-from finetune.config import Config, env_name
+from finetune import __version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs
+from finetune import plan as planner
+from finetune.config import FIELDS, Config, env_name
 from finetune.errors import UserError
-from finetune.evaluate import evaluate
 from finetune.progress import Progress, hms
-from finetune.template import encode_all
+from finetune.tracking import Tracker
 
-PLANNED = {"batch_size": "batch_size", "grad_accum": "grad_accum", "max_steps": "max_steps",
-           "eval_steps": "eval_steps", "gradient_checkpointing": "gradient_checkpointing",
-           "dtype": "dtype", "quantize": "quantize"}
-
-
-def banner(text: str) -> str:
-    width = max(len(line) for line in text.splitlines()) + 4
-    rule = "!" * width
-    return "\n".join([rule, *(f"! {line:<{width - 4}} !" for line in text.splitlines()), rule])
+# Settings a resumed run may change: they do not alter what is trained.
+RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save_total", "push_to_hub", "yes",
+                     "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours"}
 
 
-def resolved_settings(cfg: Config, sources: dict[str, str], plan: planner.Plan) -> dict[str, dict]:
+def resolved(cfg: Config, plan: planner.Plan, method, prepared) -> Config:
+    """The config with every auto setting decided: what backends get and what run.json records."""
+    out = replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum, max_steps=plan.max_steps,
+                  eval_steps=plan.eval_steps, save_steps=plan.save_steps, dtype=plan.dtype, quantize=plan.quantize,
+                  gradient_checkpointing="on" if plan.gradient_checkpointing else "off")
+    return replace(out, **method.defaults(out, prepared)) if hasattr(method, "defaults") else out
+
+
+def settings_table(cfg: Config, final: Config, sources: dict[str, str]) -> dict[str, dict]:
     """Each setting with its final value and where it came from (cli / env / yaml:<file> / plan / default)."""
     out = {}
-    for name, value in asdict(cfg).items():
-        if name in ("config", "dry_run"):
+    for f in fields(Config):
+        if FIELDS[f.name].metadata["cli_only"]:
             continue
-        source = sources[name]
-        if name in PLANNED and source == "default":
-            value, source = getattr(plan, PLANNED[name]), "plan"
-        out[name] = {"value": value, "source": source}
+        before, after, source = getattr(cfg, f.name), getattr(final, f.name), sources[f.name]
+        if before != after and (before is None or before == "auto"):
+            source = "plan" if f.name not in ("beta", "reward") else f"{cfg.method} default"
+        out[f.name] = {"value": after, "source": source}
     return out
 
 
@@ -44,17 +58,6 @@ def format_settings(settings: dict[str, dict]) -> str:
     for name, item in settings.items():
         lines.append(f"  {name:<24} {str(item['value']):<32} <- {item['source']:<8} [{env_name(name)}]")
     return "\n".join(lines)
-
-
-def _versions(hw: hardware.Hardware) -> dict[str, str]:
-    return {"finetune": __version__, "python": platform.python_version(), **hw.packages}
-
-
-def _check_template(cfg: Config, splits: data.Splits, tokenizer) -> None:
-    chat = splits.shape in ("messages", "conversational_prompt_completion")
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"MODEL={cfg.model} has no chat template, so '{splits.shape}' rows cannot be rendered; "
-                        "use a chat/instruct model or prompt/completion rows")
 
 
 def _check_combination(cfg: Config, plan: planner.Plan) -> None:
@@ -71,84 +74,227 @@ def _check_combination(cfg: Config, plan: planner.Plan) -> None:
 
 
 def run(cfg: Config, sources: dict[str, str]) -> int:
+    if cfg.remote != "none":
+        from finetune import remote
+
+        return remote.train(cfg, sources)
+    tees = outputs.start_log()
+    try:
+        if cfg.resume:
+            return _resume(cfg, sources, tees)
+        return _train(cfg, sources, tees)
+    finally:
+        outputs.stop_log(tees)
+
+
+def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
+    run_dir = cfg.resume
+    record = runs.read_record(run_dir) if os.path.isdir(run_dir) else None
+    if record is None:
+        raise UserError(f"RESUME={run_dir}: not a run directory (no readable run.json)")
+    state = runs.status(run_dir, record)
+    if state == "running":
+        raise UserError(f"RESUME={run_dir}: that run is still running")
+    if state == "completed":
+        raise UserError(f"RESUME={run_dir}: that run already completed; start a new one (e.g. ADAPTER={run_dir})")
+    if checkpoint.latest(run_dir) is None:
+        raise UserError(f"RESUME={run_dir}: it has no whole checkpoint to continue from; start a new run")
+    recorded = record["config"]
+    for name, source in sources.items():
+        if source == "default" or name in RESUMABLE_CHANGES or name not in recorded:
+            continue
+        if getattr(cfg, name) != recorded[name]:
+            raise UserError(f"RESUME: {env_name(name)}={getattr(cfg, name)!r} differs from the run's {recorded[name]!r}; "
+                            "a resumed run keeps its settings (start a new run to change them)")
+    kept = {k: v for k, v in recorded.items() if k in FIELDS and not FIELDS[k].metadata["cli_only"]}
+    changed = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in kept and sources.get(k, "default") != "default"}
+    resumed = replace(Config(**{**kept, **changed}), resume=run_dir, output_dir=run_dir)
+    # the model is the one the run used, never a fallback
+    return _train(resumed, {**record["sources"], "resume": "cli", "model": "resume"}, tees, record=record)
+
+
+def inspect(cfg: Config, sources: dict[str, str]):
+    """Everything before a plan: data (all rows checked before any model loads), model, tokenizer, encoding.
+    Shared by local training and the HF Jobs launcher (finetune.remote)."""
+    method = methods.get(cfg.method)
+    rows = method.read(cfg)
+    start = adapters.find(cfg.adapter) if cfg.adapter else None
+    model_name = cfg.model
+    if start and sources["model"] == "default" and start.parent:
+        model_name = start.parent["model"]["name"]  # continue on the model the adapter was trained on
+    model, fallback = models.resolve(model_name, user_named_it=sources["model"] != "default" or model_name != cfg.model)
+    if fallback:
+        print(outputs.banner(fallback))
+    tokenizer = models.load_tokenizer(model)
+    prepared = method.prepare(rows, tokenizer, cfg)
+    return method, rows, start, model, fallback, tokenizer, prepared
+
+
+def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = None) -> int:
     t0 = time.perf_counter()
     hw = hardware.detect()
-    # every row is checked (errors stop here, all listed, before any model loads); same checks as check-data
-    splits = data.load(cfg.dataset, cfg.val_split, cfg.seed, column_map=cfg.column_map)
-    data_warnings = check_data.check_splits(splits)
-    model, fallback = models.resolve(cfg.model, user_named_it=sources["model"] != "default")
-    if fallback:
-        print(banner(fallback))
+    method, rows, start, model, fallback, tokenizer, prepared = inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
-    tokenizer = models.load_tokenizer(model)
-    _check_template(cfg, splits, tokenizer)
-    train_enc, warnings = encode_all(splits.train, tokenizer, cfg.max_seq_length)
-    warnings = data_warnings + warnings + check_data.template_warnings(splits.train, tokenizer)
-    val_rows = splits.validation[: cfg.eval_rows]
-    val_enc, val_warnings = encode_all(val_rows, tokenizer, cfg.max_seq_length)
-    warnings += [f"validation: {w}" for w in val_warnings]
-    if not train_enc or not val_enc:
-        raise UserError(f"DATASET={cfg.dataset}: no row keeps a trained token within MAX_SEQ_LENGTH={cfg.max_seq_length}")
-    mean_tokens = sum(len(r.input_ids) for r in train_enc) / len(train_enc)
-    longest = max(len(r.input_ids) for r in train_enc + val_enc)
-    plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(train_enc), mean_tokens, longest)
-    _check_combination(cfg, plan)
-    settings = resolved_settings(cfg, sources, plan)
+    if backend.device(hw) == "cpu":  # the time estimate uses this machine's measured matmul rate
+        hw.cpu_peak_gflops = hardware.measure_cpu_peak(hw.cpu_bf16)
+    try:
+        plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(prepared.train), prepared.mean_tokens,
+                            prepared.longest, prepared.sequences_per_item, method.items_per_draw(cfg),
+                            prepared.trained_share, prepared.sampled_per_item)
+    except UserError as err:
+        if cfg.dry_run and "does not fit" in str(err):  # say where it would fit instead
+            from finetune import remote
 
+            print(f"Does not fit here: {err}")
+            options, source = remote.flavors()
+            quotes = remote.quote(cfg, model, prepared, method.items_per_draw(cfg), options)
+            fitting = [q for q in quotes if q.plan]
+            chosen = remote.pick(quotes, "auto", cfg.remote_max_hours) if fitting else None
+            print(remote.format_quotes(quotes, chosen, source))
+            print("Run it there with: ./run.sh train --remote hf-jobs (add --yes to skip the question)")
+            return 0
+        raise
+    _check_combination(cfg, plan)
+    final = replace(resolved(cfg, plan, method, prepared), model=model.name)
+    settings = settings_table(cfg, final, sources) if record is None else record["settings"]
     print(format_settings(settings))
+    print(f"Model: {model.name} ({model.source}: {model.path}, {model.num_params / 1e6:.1f}M parameters)")
     print(f"Backend: {'; '.join(why)}")
-    print(f"Data: {splits.source} -> {len(train_enc)} train / {len(val_enc)} eval rows ({splits.shape}), "
-          f"validation {splits.validation_source}, mean {mean_tokens:.0f} tokens/row")
+    print(f"Data: {rows.source} -> {len(prepared.train)} train / {len(prepared.eval)} held-out items ({rows.shape}), "
+          f"validation {rows.validation_source}, mean {prepared.mean_tokens:.0f} tokens/sequence")
+    warnings = rows.warnings + prepared.warnings
     for w in warnings:
         print(f"warning: {w}")
     print(planner.format_plan(plan))
-    if cfg.dry_run:
-        return 0
+    if record is None:
+        run_name = cfg.run_name or outputs.default_run_name(model.name, cfg.method)
+        run_dir = outputs.check_output_dir(cfg.output_dir, run_name)
+        if cfg.dry_run:
+            print(f"Dry run: nothing trained; the run would write {run_dir}")
+            return 0
+        run_dir = outputs.create_run_dir(run_dir, named=bool(cfg.output_dir))
+    else:
+        run_name, run_dir = record["run_name"], cfg.resume
+        if cfg.dry_run:
+            return 0
+    with runs.RunLock(run_dir):
+        outputs.attach_log(tees, os.path.join(run_dir, "training_log.txt"))
+        if record is None:
+            record = {"run_name": run_name, "run_dir": os.path.abspath(run_dir), "status": "running",
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings, "sources": sources,
+                      "config": asdict(final), "hardware": hw.to_dict(), "versions": _versions(hw),
+                      "model": model.to_dict(), "plan": plan.to_dict(), "backend_choice": why,
+                      "data": {"source": rows.source, "shape": rows.shape, "train_rows": len(prepared.train),
+                               "validation_rows": len(prepared.eval), "validation_source": rows.validation_source,
+                               "mean_tokens": prepared.mean_tokens},
+                      "warnings": warnings, "fallback_banner": fallback, "chain": start.chain() if start else None}
+            tokenizer.save_pretrained(run_dir)
+        else:
+            record.update(status="running", resumed=record.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")])
+        return _session(final, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0)
 
-    run_name = cfg.run_name or outputs.default_run_name(model.name, cfg.method)
-    run_dir = outputs.check_output_dir(cfg.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    tees = outputs.start_log(os.path.join(run_dir, "training_log.txt"))
-    record = {"run_name": run_name, "run_dir": os.path.abspath(run_dir), "status": "running",
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
-              "config": {k: v["value"] for k, v in settings.items()}, "hardware": hw.to_dict(),
-              "versions": _versions(hw), "model": model.to_dict(), "plan": plan.to_dict(), "backend_choice": why,
-              "data": {"source": splits.source, "shape": splits.shape, "train_rows": len(train_enc),
-                       "validation_rows": len(val_enc), "validation_source": splits.validation_source,
-                       "mean_tokens": mean_tokens}, "warnings": warnings, "fallback_banner": fallback}
+
+def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0) -> int:
     run_json = os.path.join(run_dir, "run.json")
-    outputs.write_json(run_json, record)
+    fsio.write_json(run_json, record)
+    state = session = None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
-        if fallback:
-            print(banner(fallback))
-        print(f"Run directory: {run_dir}")
-        models.fetch_weights(model)
-        session = backend.load(replace(cfg, run_name=run_name), plan, model, tokenizer)
-        print(f"Evaluating the base model on {len(val_enc)} held-out rows ...")
-        before = evaluate(session, tokenizer, val_rows, val_enc, cfg.eval_generations, cfg.max_new_tokens)
-        print(f"  base: eval_loss {before.eval_loss:.4f} {before.metrics}")
-        print(f"Training {plan.max_steps} steps ...")
-        progress = Progress(plan.max_steps, os.path.join(run_dir, "metrics.jsonl"))
-        result = session.train(train_enc, val_enc, progress)
-        files = session.save_adapter(run_dir)
-        print("Evaluating with the adapter ...")
-        after = evaluate(session, tokenizer, val_rows, val_enc, cfg.eval_generations, cfg.max_new_tokens)
-        print(f"  adapter: eval_loss {after.eval_loss:.4f} {after.metrics}")
+        with loop.StopRequest() as stop:
+            print(f"Run directory: {run_dir}")
+            models.fetch_weights(model)
+            adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
+            session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
+            stop.check(0)
+            method.start(session, prepared, cfg)  # before any update: DPO's reference is the starting model
+            state = loop.LoopState(micro_batch=plan.batch_size, grad_accum=plan.grad_accum)
+            if "evaluation" in record:  # resumed: the base was evaluated by the first attempt
+                before = methods.EvalResult(**record["evaluation"]["before"])
+                checkpoint.clean(run_dir)
+                state = checkpoint.load(checkpoint.latest(run_dir), session)
+                print(f"Resuming from step {state.step} of {plan.max_steps} ({checkpoint.latest(run_dir)})")
+            else:
+                print(f"Evaluating {'the starting adapter' if start else 'the base model'} on held-out rows ...")
+                before = method.evaluate_model(session, prepared, cfg)
+                print(f"  before: {_eval_line(before)}")
+                record["evaluation"] = {"before": before.to_dict()}
+                fsio.write_json(run_json, record)
+            stop.check(state.step)
+            outputs.write_metrics(metrics_path, state.records)
+            tracker = Tracker(cfg, record["run_name"], record["config"], resumed=bool(record.get("resumed")))
+            progress = Progress(plan.max_steps, metrics_path, tracker=tracker)
+            print(f"Training {plan.max_steps - state.step} steps ...")
+            result = loop.run(session, method, prepared, cfg, plan, run_dir, progress, state, stop)
+            state = result.state
+            files = session.save_adapter(run_dir)
+            outputs.write_metrics(metrics_path, state.records)
+            stop.check(state.step)  # Ctrl-C during the last steps: the adapter is saved, skip the evaluation
+            print("Evaluating with the adapter ...")
+            after = method.evaluate_model(session, prepared, cfg)
+            print(f"  after: {_eval_line(after)}")
+            tracker.finish()
+    except loop.Stopped as stopped:
+        state = _stopped_state(run_dir, state)
+        if session is not None and state.step > 0:
+            session.save_adapter(run_dir)
+        _finish_early(record, run_json, run_dir, state, "interrupted", f"stopped by signal {stopped.signum}")
+        print(f"Interrupted at step {stopped.step}: the adapter so far is in {run_dir}.\n"
+              f"Continue with: {runs.resume_command(run_dir)}")
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "interrupted", "stopped at once (second Ctrl-C)")
+        print(f"Stopped at once. Continue from the last checkpoint with: {runs.resume_command(run_dir)}")
+        return 130
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        outputs.write_json(run_json, record)
-        outputs.stop_log(tees)
+        reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "failed", reason)
         raise
-    record.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  result={**asdict(result), "predicted_peak_gb": plan.predicted_peak_gb,
-                          "predicted_seconds": plan.est_seconds, "total_seconds": time.perf_counter() - t0},
-                  evaluation={"before": before.to_dict(), "after": after.to_dict()},
-                  adapter_files=[os.path.relpath(f, run_dir) for f in files])
-    outputs.write_json(run_json, record)
-    outputs.plot_loss(progress.records, os.path.join(run_dir, "loss.png"), f"{run_name} ({model.name})")
+    seconds = state.train_seconds
+    result_record = {"train_seconds": seconds, "steps": state.step, "tokens_seen": state.tokens_seen,
+                     "tokens_per_s": state.tokens_seen / seconds if seconds else 0.0,
+                     "final_train_loss": result.final_train_loss, "peak_memory_gb": session.peak_memory_gb(),
+                     "predicted_peak_gb": plan.predicted_peak_gb, "predicted_seconds": plan.est_seconds,
+                     "total_seconds": time.perf_counter() - t0, "oom_events": state.oom_events,
+                     "extra": session.describe()}
+    record.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=result_record,
+                  step_reached=state.step, evaluation={"before": before.to_dict(), "after": after.to_dict()},
+                  adapter_files=[os.path.relpath(f, run_dir) for f in files],
+                  mlx_adapter=os.path.isdir(os.path.join(run_dir, "mlx")))
+    fsio.write_json(run_json, record)
+    outputs.plot_loss(state.records, os.path.join(run_dir, "loss.png"), f"{record['run_name']} ({model.name})")
     outputs.write_report(os.path.join(run_dir, "report.md"), record, before.to_dict(), after.to_dict())
-    print(f"Done in {hms(time.perf_counter() - t0)}: {result.tokens_per_s:,.0f} tokens/s, peak memory "
-          f"{result.peak_memory_gb or 0:.2f} GB measured vs {plan.predicted_peak_gb:.2f} GB predicted")
-    print(f"eval loss {before.eval_loss:.4f} -> {after.eval_loss:.4f}; outputs in {run_dir} (report.md, run.json)")
-    outputs.stop_log(tees)
+    print(f"Done in {hms(time.perf_counter() - t0)}: {result_record['tokens_per_s']:,.0f} tokens/s, peak memory "
+          f"{result_record['peak_memory_gb'] or 0:.2f} GB measured vs {plan.predicted_peak_gb:.2f} GB predicted")
+    print(f"{_eval_line(before)} -> {_eval_line(after)}; outputs in {run_dir} (report.md, run.json)")
+    if cfg.push_to_hub:
+        from finetune import hub
+
+        hub.push_run(run_dir, cfg.push_to_hub, what="adapter", private=True)
     return 0
+
+
+def _stopped_state(run_dir: str, state):
+    if state is None:
+        found = checkpoint.latest(run_dir)
+        return loop.LoopState.from_dict(checkpoint.read_state(found)) if found else loop.LoopState()
+    return state
+
+
+def _finish_early(record, run_json, run_dir, state, status, reason) -> None:
+    """Record why the run stopped; a full disk here must not hide the original error."""
+    record.update(status=status, error=reason, step_reached=state.step, stopped=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        outputs.write_metrics(os.path.join(run_dir, "metrics.jsonl"), state.records)
+        fsio.write_json(run_json, record)
+    except UserError as err:
+        print(f"warning: {err}")
+
+
+def _eval_line(result) -> str:
+    parts = [f"eval_loss {result.eval_loss:.4f}"] if result.eval_loss is not None else []
+    parts += [f"{k} {outputs.metric_text(k, v)}" for k, v in result.metrics.items()]
+    return ", ".join(parts)
+
+
+def _versions(hw: hardware.Hardware) -> dict[str, str]:
+    return {"finetune": __version__, "python": platform.python_version(), **hw.packages}

@@ -26,6 +26,29 @@ def tiny_model(cache_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def offline_model(cache_dir) -> str:
+    """SmolLM2-135M-Instruct converted from the registry package's GGUF, once per test session (~40 s)."""
+    from finetune import offline_model
+
+    return offline_model.ensure(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, offline_model, cache_dir):
+    """`./run.sh` as a user runs it offline (the default model is unreachable, so the offline model trains),
+    shortened to 12 steps x 8 rows at lr 1e-3 with 8 held-out generations: (run dir, result, base model dir)."""
+    out = str(tmp_path_factory.mktemp("runs") / "quick_test")
+    from finetune.config import FIELDS, env_name
+
+    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in FIELDS}}
+    env.update(FINETUNE_CACHE=cache_dir, HF_HUB_OFFLINE="1", MAX_STEPS="12", BATCH_SIZE="8", GRAD_ACCUM="1",
+               LEARNING_RATE="0.001", OUTPUT_DIR=out, EVAL_GENERATIONS="8", EVAL_ROWS="16", MAX_NEW_TOKENS="32")
+    result = subprocess.run([os.path.join(ROOT, "run.sh")], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result, offline_model
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
@@ -46,3 +69,22 @@ def run_env(cache_dir):
 def run_cli(args: list[str], env: dict, cwd: str = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "finetune", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def fit(session, rows, steps: int, lr: float, batch: int = 4) -> list[float]:
+    """Train a loaded backend session for `steps` SFT steps on `rows` (in order), as the loop would; the losses."""
+    from finetune.methods import Batch
+
+    losses = []
+    for step in range(steps):
+        chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
+        stats = session.train_step(Batch("sft", chunk, float(sum(r.n_trained for r in chunk))), batch, lr)
+        losses.append(stats["loss"])
+    session.model.eval()
+    return losses
+
+
+def eval_loss(session, rows) -> float:
+    from finetune.methods import sft
+
+    return sft.eval_loss(session, rows)

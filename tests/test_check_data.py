@@ -37,6 +37,14 @@ def check(capsys, *args) -> tuple[int, str]:
     return code, out.out + out.err
 
 
+def test_kto_rows_are_checked_though_only_trainable_methods_can_be_chosen(capsys):
+    report = check_data.scan(os.path.join(CORPUS, "kto_bad_label.jsonl"), "kto")
+    assert any(str(p).endswith("kto_bad_label.jsonl:2: 'label' must be true or false (got 'maybe')") for p in report.errors)
+    with pytest.raises(SystemExit):  # argparse: --method takes what train can run
+        cli.main(["check-data", os.path.join(CORPUS, "kto_bad_label.jsonl"), "--method", "kto"])
+    assert "choose from 'sft', 'dpo', 'grpo'" in capsys.readouterr().err
+
+
 # (file, extra args, exit code, text the report must contain: file + line/row + the problem)
 CASES = [
     ("bad_json_line.jsonl", [], 2, "bad_json_line.jsonl:3: not valid JSON"),
@@ -63,7 +71,6 @@ CASES = [
     ("dpo_good_bad.jsonl", ["--method", "dpo"], 2, "dpo_good_bad.jsonl:1: columns prompt, good_response, bad_response "
                                                    "do not fit dpo: rename columns: --map good_response=chosen "
                                                    "--map bad_response=rejected"),
-    ("kto_bad_label.jsonl", ["--method", "kto"], 2, "kto_bad_label.jsonl:2: 'label' must be true or false (got 'maybe')"),
     ("csv_extra_field.csv", [], 2, "csv_extra_field.csv:3: 3 fields, more than the header's 2 columns"),
     ("csv_missing_field.csv", [], 2, "csv_missing_field.csv:3: 1 fields, fewer than the header's 2 columns"),
     ("csv_header_only.csv", [], 2, "csv_header_only.csv: no rows found"),
@@ -108,7 +115,7 @@ def test_corpus_file_is_reported_with_its_line(capsys, name, args, code, needle)
 
 def test_corpus_has_at_least_20_files_all_covered():
     files = set(os.listdir(os.path.join(ROOT, CORPUS)))
-    assert len(files) >= 20 and files == {c[0] for c in CASES}
+    assert len(files) >= 20 and files == {c[0] for c in CASES} | {"kto_bad_label.jsonl"}
 
 
 @pytest.mark.parametrize("name,needle", [("bad_json_line.jsonl", "bad_json_line.jsonl:3: not valid JSON"),
@@ -275,7 +282,9 @@ def test_train_applies_column_map_and_prints_data_warnings(run_env, tmp_path):
     assert f"warning: {path}:5: duplicate of {path}:1" in result.stdout and "prompt_completion" in result.stdout
 
 
-def test_default_model_offline_falls_back_to_tiny_with_banner(run_env):
+def test_default_model_offline_falls_back_to_the_offline_model_with_banner(run_env, offline_model):
     result = run_cli(["check-data", os.path.join(CORPUS, "duplicates.jsonl")], run_env)
     assert result.returncode == 0, result.stderr
-    assert "NOT a useful language model" in result.stdout and "tokenizer of finetune/tiny-qwen2" in result.stdout
+    assert "cannot be reached" in result.stdout and "tokenizer of smollm2-135m-offline" in result.stdout
+    banner = [line for line in result.stdout.splitlines() if line.startswith("!")]
+    assert len(banner) >= 3 and all(len(line) <= 80 for line in banner)

@@ -26,17 +26,23 @@ def test_flag_beats_env_beats_yaml(tmp_path):
 
 
 def test_plan_fills_only_what_nobody_set(tiny_model):
-    from finetune import hardware, models, plan as planner
-    from finetune.train import resolved_settings
+    from finetune import hardware, methods, models, plan as planner
+    from finetune.train import resolved, settings_table
 
     model = models.info_from_config("tiny", tiny_model, models._read_config(tiny_model))
     hw = hardware.detect()
-    cfg, sources = resolve({}, env={"GRAD_ACCUM": "3"})
+    cfg, sources = resolve({}, env={"GRAD_ACCUM": "3", "DTYPE": "auto"})
     plan = planner.make(cfg, hw, model, "torch", "cpu", n_train_rows=100, mean_tokens=80)
-    settings = resolved_settings(cfg, sources, plan)
+    final = resolved(cfg, plan, methods.get("sft"), None)
+    settings = settings_table(cfg, final, sources)
     assert settings["batch_size"]["source"] == "plan" and settings["batch_size"]["value"] == plan.batch_size
     assert settings["grad_accum"] == {"value": 3, "source": "env"}      # env beats the plan
     assert plan.grad_accum == 3
+    # every auto setting is recorded with what the planner chose, even one set to "auto" explicitly
+    assert settings["dtype"] == {"value": plan.dtype, "source": "plan"} and plan.dtype in ("fp32", "bf16")
+    assert settings["gradient_checkpointing"]["value"] in ("on", "off")
+    assert all(v["value"] not in (None, "auto") for k, v in settings.items()
+               if k in ("batch_size", "grad_accum", "max_steps", "eval_steps", "save_steps", "quantize"))
 
 
 @pytest.mark.parametrize("env,needle", [

@@ -1,4 +1,5 @@
-"""`./run.sh` end to end on the tiny model, offline, from a clean cache; then the adapter in plain PEFT."""
+"""`./run.sh` end to end offline: the default model is unreachable, so the real offline model (SmolLM2-135M-Instruct)
+trains, a short run, and must learn the sample task's format; then the adapter in plain PEFT. A slow test."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import subprocess
 
 import pytest
 
-from finetune import tiny
 from tests.conftest import ROOT, run_cli
 
 OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run.json", "metrics.jsonl",
@@ -15,17 +15,8 @@ OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.j
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The one-click command with only MAX_STEPS/OUTPUT_DIR set: default model unreachable -> tiny model."""
-    cache = str(tmp_path_factory.mktemp("clean-cache"))   # clean state: the tiny model is built by this run
-    out = str(tmp_path_factory.mktemp("runs") / "quick_test")
-    from finetune.config import FIELDS, env_name
-
-    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in FIELDS}}
-    env.update(FINETUNE_CACHE=cache, HF_HUB_OFFLINE="1", MAX_STEPS="24", OUTPUT_DIR=out, EVAL_GENERATIONS="3")
-    result = subprocess.run([os.path.join(ROOT, "run.sh")], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result, cache
+def default_run(real_run):
+    return real_run
 
 
 def test_all_outputs_exist(default_run):
@@ -36,23 +27,26 @@ def test_all_outputs_exist(default_run):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_banner_says_tiny_model_stands_in(default_run):
+def test_banner_says_the_offline_model_stands_in(default_run):
     _, result, _ = default_run
-    assert "could not be fetched" in result.stdout and "finetune/tiny-qwen2" in result.stdout
-    assert "NOT a useful language model" in result.stdout
+    banner = [line for line in result.stdout.splitlines() if line.startswith("!")]
+    assert banner and all(len(line) <= 80 for line in banner)
+    assert "cannot be reached" in result.stdout and "smollm2-135m-offline" in result.stdout
 
 
-def test_eval_loss_drops_and_run_json_records_it(default_run):
+def test_the_real_model_learns_the_format_and_run_json_records_it(default_run):
     out, _, _ = default_run
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["status"] == "completed"
-    before, after = run["evaluation"]["before"]["eval_loss"], run["evaluation"]["after"]["eval_loss"]
-    assert after < before
-    assert run["settings"]["max_steps"] == {"value": 24, "source": "env"}
-    assert run["settings"]["batch_size"]["source"] == "plan"
-    assert run["result"]["steps"] == 24 and run["result"]["tokens_per_s"] > 0
+    before, after = run["evaluation"]["before"], run["evaluation"]["after"]
+    assert after["eval_loss"] < before["eval_loss"]
+    assert after["metrics"]["valid_format"] > before["metrics"]["valid_format"]
+    assert run["settings"]["max_steps"] == {"value": 12, "source": "env"}
+    assert run["settings"]["dtype"]["source"] == "plan" and run["config"]["dtype"] in ("fp32", "bf16")
+    assert run["result"]["steps"] == 12 and run["result"]["tokens_per_s"] > 0
     assert run["result"]["peak_memory_gb"] > 0 and run["result"]["predicted_peak_gb"] > 0
-    assert run["model"]["is_tiny"] and run["hardware"]["cpu_cores"] >= 1 and "torch" in run["versions"]
+    assert run["model"]["name"] == "smollm2-135m-offline" and run["config"]["model"] == "smollm2-135m-offline"
+    assert run["hardware"]["cpu_cores"] >= 1 and "torch" in run["versions"]
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert any("loss" in m for m in metrics) and any("eval_loss" in m for m in metrics)
 
@@ -62,13 +56,13 @@ def test_report_has_before_and_after_columns(default_run):
     report = open(os.path.join(out, "report.md")).read()
     assert "| metric | base model | with adapter |" in report
     assert "| eval loss (per trained token) |" in report and "exact_match" in report and "valid_format" in report
-    assert report.count("Base model:") == 3 and report.count("With adapter:") == 3
+    assert report.count("Base model:") == 8 and report.count("With adapter:") == 8
 
 
 def test_training_log_has_progress(default_run):
     out, _, _ = default_run
     log = open(os.path.join(out, "training_log.txt")).read()
-    assert "step 24/24" in log and "tok/s" in log and "ETA" in log
+    assert "step 12/12" in log and "tok/s" in log and "ETA" in log
 
 
 def test_adapter_loads_with_plain_peft_and_changes_logits(default_run):
@@ -76,8 +70,7 @@ def test_adapter_loads_with_plain_peft_and_changes_logits(default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, _, cache = default_run
-    base_path = os.path.join(cache, tiny.DIR_NAME)
+    out, _, base_path = default_run
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Maria lives in Lisbon", return_tensors="pt")["input_ids"]
     base = AutoModelForCausalLM.from_pretrained(base_path)

@@ -172,3 +172,24 @@ def test_from_dict_tolerates_unknown_keys():
 def test_detect_round_trip():
     hw = detect()
     assert from_dict(json.loads(json.dumps(hw.to_dict()))) == hw
+
+
+def test_cpu_peak_probe_feeds_the_time_estimate():
+    """The planner times a CPU run with the matmul rate this machine measures now when that beats the table for
+    its instruction set; a probe below the table (a busy moment on a shared machine) is named, not trusted."""
+    from finetune import hardware, plan
+    from finetune.config import Config
+    from finetune.models import info_from_config
+
+    hw = hardware.detect()
+    peak = hardware.measure_cpu_peak(bf16=False)
+    assert set(peak) == {"fp32"} and peak["fp32"] > 1
+    model = info_from_config("m", None, dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                             vocab_size=1000, model_type="llama"))
+    def planned(gflops):
+        return plan.make(Config(dtype="fp32"), hardware.Hardware(**{**hw.__dict__, "cpu_peak_gflops": {"fp32": gflops}}),
+                         model, "torch", "cpu", 1000, 100, 100)
+
+    fast, faster, busy = planned(5000.0), planned(10000.0), planned(1.0)
+    assert faster.est_seconds < fast.est_seconds and any("(measured)" in r for r in fast.reasons)
+    assert busy.est_seconds > fast.est_seconds and any("probe read 1 GFLOP/s, a busy moment" in r for r in busy.reasons)

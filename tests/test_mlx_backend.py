@@ -23,7 +23,7 @@ from finetune.errors import UserError
 from finetune.hardware import Hardware
 from finetune.models import info_from_config
 from finetune.template import encode_all
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, eval_loss, fit, run_cli
 
 LOGIT_ATOL, ADAPTER_EFFECT = 1e-4, 0.05
 APPLE = hardware.detect().apple_silicon  # these tests run here on mlx[cpu]; on a Mac, on the GPU
@@ -182,7 +182,7 @@ def test_mlx_adapter_loads_with_mlx_lm(mlx_run, tiny_model, tokenizer):
     model, _ = load(tiny_model, adapter_path=os.path.join(out, "mlx"))  # exactly what `mlx_lm.generate --adapter-path` does
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
     cfg = json.load(open(os.path.join(out, "mlx", "adapter_config.json")))
-    assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"] == {"rank": 16, "scale": 2.0, "dropout": 0.05}
+    assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"] == {"rank": 16, "scale": 2.0, "dropout": 0.0}
 
 
 def test_peft_adapter_from_mlx_run_matches_mlx(mlx_run, tiny_model, tokenizer):
@@ -195,7 +195,7 @@ def test_torch_trained_adapter_converted_to_mlx_matches_peft(tmp_path, tiny_mode
 
     train, val = rows
     torch_session, _ = session("torch", tiny_model, tokenizer, train, dtype="fp32", learning_rate=5e-3, max_steps=4)
-    torch_session.train(train, val, lambda event: None)
+    fit(torch_session, train, 4, 5e-3)
     torch_session.save_adapter(str(tmp_path / "torch"))
     interop.peft_to_mlx(str(tmp_path / "torch"), str(tmp_path / "mlx"))
     assert_parity(tiny_model, tokenizer, mlx_model(tiny_model, str(tmp_path / "mlx")), peft_model(tiny_model, str(tmp_path / "torch")))
@@ -206,7 +206,7 @@ def test_eval_loss_agrees_with_torch_on_the_same_masked_rows(tiny_model, tokeniz
     train, val = rows
     mlx_session, _ = session("mlx", tiny_model, tokenizer, train, dtype="fp32")
     torch_session, _ = session("torch", tiny_model, tokenizer, train, dtype="fp32")
-    assert mlx_session.eval_loss(val) == pytest.approx(torch_session.eval_loss(val), abs=1e-4)
+    assert eval_loss(mlx_session, val) == pytest.approx(eval_loss(torch_session, val), abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ DoRA, QLoRA
@@ -217,11 +217,11 @@ def test_dora_with_checkpointing_trains_and_converts_exactly(tmp_path, tiny_mode
     s, plan = session("mlx", tiny_model, tokenizer, train, lora_type="dora", gradient_checkpointing="on",
                       learning_rate=5e-3, dtype="fp32")  # fp32 on Apple silicon too: compared at LOGIT_ATOL below
     layer_call = type(s.model.model.layers[0]).__call__
-    before = s.eval_loss(val)
-    result = s.train(train, val, lambda event: None)
+    before = eval_loss(s, val)
+    losses = fit(s, train, 3, 5e-3)
     assert plan.gradient_checkpointing and type(s.model.model.layers[0]).__call__ is layer_call  # mlx-lm's patch undone
-    assert isinstance(s.model.model.layers[0].mlp.down_proj, DoRALinear) and result.final_train_loss > 0
-    assert s.eval_loss(val) < before
+    assert isinstance(s.model.model.layers[0].mlp.down_proj, DoRALinear) and losses[-1] > 0
+    assert eval_loss(s, val) < before
     s.save_adapter(str(tmp_path))
     assert json.load(open(tmp_path / "mlx" / "adapter_config.json"))["fine_tune_type"] == "dora"
     assert json.load(open(tmp_path / "adapter_config.json"))["use_dora"] is True
@@ -241,10 +241,10 @@ def test_qlora_4bit_trains(tmp_path, tiny_model, tokenizer, rows):
     train, val = rows
     s, plan = session("mlx", tiny_model, tokenizer, train, quantize="4bit", learning_rate=5e-3)
     assert plan.quantize == "4bit" and not any(r.startswith("warning") for r in plan.reasons)
-    assert isinstance(s.model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
-    before = s.eval_loss(val)
-    result = s.train(train, val, lambda event: None)
-    assert result.extra["quantized_base"] and s.eval_loss(val) < before
+    assert isinstance(s.model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)  # LoRA on the 4-bit base
+    before = eval_loss(s, val)
+    fit(s, train, 3, 5e-3)
+    assert s.describe()["quantized_base"] and eval_loss(s, val) < before
     assert isinstance(s.model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)  # LoRA on the 4-bit base
     s.save_adapter(str(tmp_path))
     load(tiny_model, adapter_path=str(tmp_path / "mlx"))  # the adapter also applies to the 16-bit base
@@ -276,7 +276,7 @@ UNSUPPORTED = model_of("not_in_mlx_lm", "NotInMlxLmForCausalLM")
 
 def test_apple_silicon_with_mlx_picks_mlx():
     backend, why = backends.select("auto", apple(mlx=True), QWEN2, "sft")
-    assert backend.name == "mlx" and backend.device(apple(mlx=True)) == "mlx" and why == ["mlx: chosen (first usable of mlx, torch)"]
+    assert backend.name == "mlx" and backend.device(apple(mlx=True)) == "mlx" and why == ["mlx: chosen (first usable of mlx, unsloth, torch)"]
     assert backends.select("auto", apple(mlx=True), model_of("mistral", "MistralForCausalLM"), "sft")[0].name == "mlx"
 
 
@@ -305,7 +305,8 @@ def test_linux_runs_mlx_only_when_asked():
     no_mlx = Hardware(**{**linux.__dict__, "mlx_available": False, "mlx_device": None})
     with pytest.raises(UserError, match="BACKEND=mlx cannot run here: MLX is not installed"):
         backends.select("mlx", no_mlx, QWEN2, "sft")
-    assert BACKEND.supports(QWEN2, "dpo") == "method 'dpo' is not implemented by the mlx backend"
+    assert BACKEND.supports(QWEN2, "dpo") is None and BACKEND.supports(QWEN2, "grpo") is None
+    assert BACKEND.supports(QWEN2, "kto") == "method 'kto' is not implemented by the mlx backend"
 
 
 def test_doctor_reports_mlx_and_its_device(run_env):

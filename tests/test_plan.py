@@ -310,9 +310,9 @@ def test_plan_module_is_import_light():
 def test_plan_is_a_dataclass_with_the_agreed_fields():
     names = [f.name for f in dataclasses.fields(plan.Plan)]
     assert names == ["backend", "device", "method", "batch_size", "grad_accum", "max_seq_length", "max_steps",
-                     "eval_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
+                     "eval_steps", "save_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
-                     "est_tokens_per_s", "reasons"]
+                     "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer"]
 
 
 # ---- MLX: unified memory on Apple silicon, 4-bit QLoRA with MLX's own quantization, fp32 on mlx[cpu]

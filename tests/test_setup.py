@@ -26,3 +26,23 @@ def test_run_sh_reuses_an_up_to_date_venv():
     assert stamp == now
     result = subprocess.run([os.path.join(ROOT, "run.sh"), "doctor"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "==>" not in result.stderr
+
+
+def test_unsloth_option_refuses_a_machine_without_nvidia(tmp_path):
+    """UNSLOTH=1 builds its own environment on Linux + NVIDIA only; elsewhere one clear line and nothing made."""
+    if subprocess.run("command -v nvidia-smi", shell=True).returncode == 0:
+        return  # on a GPU machine this would start a real install; the refusal is what is tested here
+    result = subprocess.run([os.path.join(ROOT, "setup_environment.sh")], capture_output=True, text=True,
+                            env={**os.environ, "UNSLOTH": "1", "VENV": str(tmp_path / "venv")}, timeout=60)
+    assert result.returncode == 1 and "UNSLOTH=1 needs Linux with an NVIDIA GPU" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_relative_paths_are_relative_to_where_you_run_it(tmp_path):
+    """run.sh no longer changes into the repo: a relative OUTPUT_DIR / DATASET resolves from the caller's cwd."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a ", "completion": "b"}\n{"prompt": "c ", "completion": "d"}\n')
+    result = subprocess.run([os.path.join(ROOT, "run.sh"), "train", "--dry-run"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "MODEL": "finetune/tiny-qwen2", "HF_HUB_OFFLINE": "1",
+                                                         "DATASET": "d.jsonl", "OUTPUT_DIR": "./quick_test"})
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "the run would write ./quick_test" in result.stdout and "d.jsonl" in result.stdout

@@ -1,0 +1,106 @@
+"""Writing files so that a reader sees the old state or the new one, never half of either.
+
+Every output the project writes goes through here: a file is written to a temp name in the same
+directory and renamed over the target (`os.replace` is atomic on one filesystem); a directory is
+built under a temp name and renamed into place. Failures become one-line UserErrors naming the path
+(disk full, read-only, permission), and the temp name is removed, so nothing half-written stays.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+from finetune.errors import UserError
+
+FILE_MODE = 0o644  # outputs are plain user files, whatever umask-free temp files would get
+
+
+def describe_os_error(err: OSError) -> str:
+    """A short reason a user can act on."""
+    if err.errno == errno.ENOSPC:
+        return "the disk is full; free some space"
+    if err.errno == errno.EDQUOT:
+        return "the disk quota is exceeded; free some space"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; choose a directory you can write to"
+    if err.errno == errno.EROFS:
+        return "the filesystem is read-only; choose another directory"
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a directory"
+    return err.strerror or type(err).__name__
+
+
+class WriteError(UserError):
+    """A write that failed for a reason outside the program (disk full, permissions)."""
+
+    def __init__(self, path: str, err: OSError):
+        self.path, self.os_error = path, err
+        super().__init__(f"could not write {path}: {describe_os_error(err)}")
+
+
+def write_bytes(path: str, data: bytes, mode: int = FILE_MODE) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise WriteError(path, err) from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, data) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def build_dir(final: str, build: Callable[[str], None]) -> str:
+    """Create directory `final` by calling build(tmp_dir) and renaming tmp_dir into place.
+
+    The rename is atomic: a reader never sees a half-built directory. If another process built it first
+    (the rename finds a non-empty target), theirs is kept and ours discarded. Any failure removes the
+    temp directory; an OSError becomes a WriteError naming `final`."""
+    parent = os.path.dirname(os.path.abspath(final))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    except OSError as err:
+        raise WriteError(parent, err) from None
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes owner-only directories; outputs and caches are shared
+        try:
+            os.rename(tmp, final)
+        except OSError as err:
+            if not (os.path.isdir(final) and os.listdir(final)):
+                raise WriteError(final, err) from None
+    except OSError as err:
+        raise WriteError(final, err) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_writable_dir(path: str, what: str) -> None:
+    """Create `path` (and parents) or raise a one-line error naming it and `what` it is for."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise UserError(f"{what}={path} cannot be used: {describe_os_error(err)}") from None

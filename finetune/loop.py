@@ -1,0 +1,208 @@
+"""The training loop every backend and method shares, top to bottom:
+
+    for each optimizer step:
+        rows   = the next rows of a seeded, length-grouped order        (DataOrder: resumable by position)
+        batch  = method.make_batch(rows)                                  (GRPO samples completions here)
+        stats  = session.train_step(batch, micro_batch, lr(step))        (the backend's loss, grads, update)
+        log / evaluate / checkpoint at their cadence; stop cleanly when a signal asked for it
+
+What it owns and the backends need not repeat: data order, the learning-rate schedule, logging and eval
+cadence, checkpoints (finetune.checkpoint), Ctrl-C / SIGTERM, and out-of-memory recovery (halve the
+micro-batch, double accumulation, continue from the last checkpoint). A checkpoint holds everything the
+next step depends on, and every step reseeds its random numbers from (SEED, step), so a resumed run
+continues the same computation.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from finetune import checkpoint
+from finetune.errors import UserError
+
+GROUP_STEPS = 8  # length grouping: rows are sorted by length inside windows of this many steps
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores (besides the backend's weights, optimizer and RNG)."""
+    step: int = 0                  # optimizer steps done
+    position: int = 0              # items drawn from the order stream
+    micro_batch: int = 1
+    grad_accum: int = 1
+    tokens_seen: int = 0           # non-padding input tokens trained on
+    train_seconds: float = 0.0     # time in steps (evaluation and checkpoints excluded)
+    records: list[dict] = field(default_factory=list)   # metrics.jsonl so far
+    oom_events: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    final_train_loss: float | None
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop; a checkpoint and the adapter were saved at `step`."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum   # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag the loop checks between steps (a step is never cut in half). A second
+    Ctrl-C raises KeyboardInterrupt at once: every file is written atomically, so nothing on disk breaks."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and the adapter "
+              "(Ctrl-C again stops at once)", flush=True)
+
+    def check(self, step: int) -> None:
+        """Between phases (after loading, after the first evaluation): stop now if asked to."""
+        if self.signum is not None:
+            raise Stopped(self.signum, step)
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class DataOrder:
+    """A stream of item indices: epoch e is a permutation seeded by (seed, e); inside windows of GROUP_STEPS
+    steps, items are sorted longest first, so a step's rows have similar lengths (less padding) and the
+    longest step of a window comes first. Position n in the stream is the same on every run."""
+
+    def __init__(self, lengths: list[int], per_step: int, seed: int):
+        self.lengths, self.per_step, self.seed = np.asarray(lengths), per_step, seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._epochs:
+            perm = np.random.default_rng([self.seed, e]).permutation(len(self.lengths))
+            window = self.per_step * GROUP_STEPS
+            chunks = [perm[i:i + window] for i in range(0, len(perm), window)]
+            self._epochs[e] = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        return self._epochs[e]
+
+    def take(self, position: int, count: int) -> list[int]:
+        n, out = len(self.lengths), []
+        for p in range(position, position + count):
+            out.append(int(self.epoch(p // n)[p % n]))
+        return out
+
+
+def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedule: str) -> float:
+    """LR for optimizer update number `update` (1-based): linear warmup, then constant / linear / cosine decay.
+    The decay ends one update past the last, so no update is made with a zero learning rate."""
+    if warmup and update <= warmup:
+        return peak * update / warmup
+    if schedule == "constant":
+        return peak
+    progress = (update - warmup - 1) / max(1, max_steps - warmup)
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: LoopState, stop: StopRequest) -> LoopResult:
+    items = prepared.train
+    per_step = method.draws_per_step(plan.batch_size, plan.grad_accum, cfg)
+    order = DataOrder([x.length for x in items], per_step, cfg.seed)
+    save_every = plan.save_steps
+    warmup = int(cfg.warmup_ratio * plan.max_steps)
+    if checkpoint.latest(run_dir) is None:
+        checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
+    window: list[float] = []
+    final_loss = None
+    while state.step < plan.max_steps:
+        if stop.signum is not None:
+            checkpoint.save(run_dir, session, state, cfg.save_total)
+            raise Stopped(stop.signum, state.step)
+        indices = order.take(state.position, per_step)
+        rng = np.random.default_rng([cfg.seed, state.step, 7])
+        session.reseed(int(rng.integers(2**31)))  # every random draw of a step depends on (SEED, step) only
+        lr = learning_rate(state.step + 1, plan.max_steps, warmup, cfg.learning_rate, cfg.lr_scheduler)
+        started = time.perf_counter()
+        try:
+            batch = method.make_batch(session, [items[i] for i in indices], cfg, rng)
+            stats = session.train_step(batch, state.micro_batch, lr)
+        except Exception as err:  # noqa: BLE001 -- only out-of-memory is handled, anything else re-raised
+            if not session.is_oom(err):
+                raise
+            state = _recover_from_oom(session, run_dir, state, err)
+            continue
+        state.train_seconds += time.perf_counter() - started
+        state.step += 1
+        state.position += per_step
+        state.tokens_seen += int(stats["tokens"])
+        window.append(stats["loss"])
+        final_loss = stats["loss"]
+        if state.step % cfg.logging_steps == 0 or state.step == plan.max_steps:
+            record = {"step": state.step, "tokens": state.tokens_seen, "loss": sum(window) / len(window), "lr": lr,
+                      **{k: v for k, v in stats.items() if k not in ("loss", "tokens")}}
+            state.records.append(record)
+            progress({"event": "log", **record})
+            window.clear()
+        progress({"event": "step", "step": state.step, "tokens": state.tokens_seen,
+                  "memory_gb": session.peak_memory_gb(), "seconds": state.train_seconds})
+        if state.step % plan.eval_steps == 0 or state.step == plan.max_steps:
+            found = method.periodic_eval(session, prepared, cfg)
+            if found:
+                record = {"step": state.step, "tokens": state.tokens_seen, **found}
+                state.records.append(record)
+                progress({"event": "log", **record})
+        if state.step % save_every == 0 or state.step == plan.max_steps:
+            checkpoint.save(run_dir, session, state, cfg.save_total)
+    return LoopResult(state, final_loss)
+
+
+def _recover_from_oom(session, run_dir: str, state: LoopState, err: Exception) -> LoopState:
+    """Halve the micro-batch, double accumulation (the same rows per optimizer step), and continue from the
+    last whole checkpoint, so the optimizer never sees a half-applied step."""
+    if state.micro_batch <= 1:
+        raise UserError(f"out of memory at micro-batch 1 ({_first_line(err)}); lower MAX_SEQ_LENGTH, use a smaller "
+                        "MODEL or QUANTIZE=4bit where available") from None
+    micro, accum = state.micro_batch // 2, state.grad_accum * 2
+    event = {"at_step": state.step + 1, "error": _first_line(err), "micro_batch": [state.micro_batch, micro],
+             "grad_accum": [state.grad_accum, accum]}
+    session.release_memory()
+    found = checkpoint.latest(run_dir)
+    restored = checkpoint.load(found, session) if found else LoopState()
+    restored.micro_batch, restored.grad_accum = micro, accum
+    restored.oom_events = state.oom_events + [{**event, "resumed_from_step": restored.step}]
+    print(f"out of memory at step {event['at_step']} ({event['error']}): micro-batch {state.micro_batch} -> {micro}, "
+          f"grad accumulation {state.grad_accum} -> {accum} (same rows per step); continuing from step {restored.step}",
+          flush=True)
+    return restored
+
+
+def _first_line(err: Exception) -> str:
+    return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]

@@ -1,0 +1,86 @@
+"""Training methods: one small module each (sft, dpo, grpo), over one shared loop and one backend per device.
+
+A method module says, in plain functions and without importing torch or mlx:
+    NAME, SAMPLE_DIR             its name and the shipped sample data (DATASET=sample)
+    read(cfg) -> Rows            read + validate every row (all errors before any weights load)
+    prepare(rows, tokenizer, cfg) -> Prepared   token ids and loss masks through finetune.template
+    memory(model, plan_inputs)   its extra term for the planner (sequences per item, sampling cache)
+    start(session, prepared)     work before the first step (DPO: reference log-probs)
+    make_batch(session, items, cfg, rng) -> Batch    what one optimizer step trains on (GRPO samples here)
+    evaluate(session, prepared, cfg) -> EvalResult   before/after numbers for the report
+The backends implement each method's loss over a Batch (`Session.train_step(batch, ...)`), so a method is
+a value in the plan, not a new backend. The accepted METHOD values are NAMES: what is implemented here.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+NAMES = ("sft", "dpo", "grpo")
+
+
+def get(name: str):
+    if name not in NAMES:
+        raise ValueError(f"unknown method {name!r}")
+    return importlib.import_module(f"finetune.methods.{name}")
+
+
+@dataclass
+class Rows:
+    """Validated rows of one dataset, split; items are method-specific (Example, Pair rows, prompts)."""
+    train: list
+    validation: list
+    source: str
+    shape: str
+    validation_source: str = "file"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Encoded items for the loop and the numbers the planner needs."""
+    train: list
+    eval: list
+    eval_examples: list              # held-out rows for generation metrics (Example or prompt rows)
+    mean_tokens: float               # per sequence
+    longest: int                     # longest sequence, tokens (memory is planned for it)
+    sequences_per_item: int = 1      # DPO 2 (chosen + rejected)
+    trained_share: float = 0.3       # share of tokens that carry loss (the planner's logits term)
+    sampled_per_item: int = 0        # GRPO: tokens generated per completion (the planner's sampling time)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One optimizer step's data: `sequences` are template.Encoded rows; `denominator` normalises the summed
+    loss over the whole step (trained tokens for SFT and GRPO, pairs for DPO), so splitting the step into
+    micro-batches of any size gives the same loss and gradient."""
+    method: str
+    sequences: list
+    denominator: float
+    per_sequence: dict[str, list] = field(default_factory=dict)  # e.g. advantages, reference log-probs
+    group: int = 1                   # sequences that must stay in one micro-batch (DPO: a pair = 2)
+    stats: dict[str, float] = field(default_factory=dict)        # logged with the step (GRPO rewards)
+
+
+@dataclass
+class EvalResult:
+    eval_loss: float | None
+    metrics: dict[str, float]                               # the before/after numbers
+    generations: list[dict] = field(default_factory=list)   # prompt / expected / generated (+ checks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def micro_batches(batch: Batch, size: int):
+    """(sequences, their per-sequence extras) in micro-batches of `size` items (a DPO item is its pair), longest
+    first so similar lengths share a micro-batch. Both backends split a step the same way."""
+    group = batch.group
+    n_items = len(batch.sequences) // group
+    order = sorted(range(n_items), key=lambda i: -max(batch.sequences[i * group + k].length for k in range(group)))
+    for start in range(0, n_items, size):
+        seqs = [i * group + k for i in order[start:start + size] for k in range(group)]
+        yield [batch.sequences[s] for s in seqs], {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}

@@ -1,0 +1,38 @@
+"""The methods' formulas in plain numpy: what the torch and MLX losses are tested against, and what the
+evaluation uses (it needs no gradients). Written from the papers, not from either framework's code:
+DPO (Rafailov et al. 2023, sigmoid loss) and GRPO (Shao et al. 2024, group-normalised advantages, clipped
+ratio, k3 KL estimator)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> np.ndarray:
+    """Per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), from sequence log-probs."""
+    margin = (np.asarray(policy_chosen) - ref_chosen) - (np.asarray(policy_rejected) - ref_rejected)
+    return -log_sigmoid(beta * margin)
+
+
+def group_advantages(rewards, group: int, eps: float = 1e-4) -> np.ndarray:
+    """(r - mean of its group) / (std of its group + eps); groups are consecutive runs of `group` completions.
+    Standard deviation with Bessel's correction, as TRL computes it."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group)
+    std = r.std(axis=1, ddof=1, keepdims=True) if group > 1 else np.zeros((len(r), 1))
+    return ((r - r.mean(axis=1, keepdims=True)) / (std + eps)).reshape(-1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, token_rows, advantages, beta: float, epsilon: float,
+              denominator: float) -> float:
+    """Sum over completion tokens of -min(ratio * A, clip(ratio) * A) + beta * KL_k3, / denominator."""
+    logps, old = np.asarray(logps, np.float64), np.asarray(old_logps, np.float64)
+    ratio = np.exp(logps - old)
+    adv = np.asarray(advantages, np.float64)[np.asarray(token_rows)]
+    per_token = -np.minimum(ratio * adv, np.clip(ratio, 1 - epsilon, 1 + epsilon) * adv)
+    if ref_logps is not None and beta > 0:
+        d = np.asarray(ref_logps, np.float64) - logps
+        per_token = per_token + beta * (np.exp(d) - d - 1)
+    return float(per_token.sum() / denominator)

@@ -1,0 +1,266 @@
+"""Hugging Face Jobs as a launcher (not a backend): plan and price per flavor, submit this same toolkit, watch
+it, pull the result back as a run directory.
+
+The planner is pure over a Hardware value, so a Jobs flavor is just another Hardware: the same `plan.make`
+that plans for this machine plans for each flavor (VRAM, bf16 support, speed class), and the estimate times
+the flavor's price is the cost. A submitted job downloads the local checkout's own files (uploaded with the
+data to a private dataset repo, pinned by commit), runs `./run.sh train` there with the settings you set, and
+pushes the run directory to a private model repo that `jobs pull` downloads. HF_TOKEN goes to the job only as
+a secret: never in its command, its environment, run.json, logs or the uploaded files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from finetune import hardware, hub
+from finetune import plan as planner
+from finetune.errors import UserError
+
+IMAGE = "ghcr.io/astral-sh/uv:python3.12-bookworm"   # what `hf jobs uv run` uses: Python 3.12, pip, bash
+SETUP_SECONDS = 15 * 60      # image pull + venv + CUDA torch download + model download, before step 1
+TIMEOUT_MARGIN = 1.5         # the job's timeout = (setup + estimate) x this
+CODE_FILES = ("run.sh", "setup_environment.sh", "requirements.txt", "pyproject.toml", "README.md")
+CODE_DIRS = ("finetune", "backends")
+# Single-GPU flavors (the toolkit trains on one GPU) with prices from the Jobs docs, 2026-11: used when the
+# hardware endpoint cannot be reached. (name, GPU, VRAM GB, compute capability, USD/hour)
+FALLBACK = (("t4-small", "T4", 16, "7.5", 0.40), ("t4-medium", "T4", 16, "7.5", 0.60),
+            ("l4x1", "L4", 24, "8.9", 0.80), ("a10g-small", "A10G", 24, "8.6", 1.00),
+            ("a10g-large", "A10G", 24, "8.6", 1.50), ("l40sx1", "L40S", 48, "8.9", 1.80),
+            ("a100-large", "A100", 80, "8.0", 2.50), ("h200", "H200", 141, "9.0", 5.00))
+CAPABILITY = {"T4": "7.5", "L4": "8.9", "A10G": "8.6", "L40S": "8.9", "A100": "8.0", "H100": "9.0", "H200": "9.0"}
+
+
+@dataclass
+class Flavor:
+    name: str
+    gpu: str
+    vram_gb: float
+    capability: str
+    usd_per_hour: float
+    ram_gb: float = 46.0
+
+    def hardware(self) -> hardware.Hardware:
+        cc = float(self.capability)
+        return hardware.Hardware(os="Linux", arch="x86_64", chip=f"HF Jobs {self.name}", ram_total_gb=self.ram_gb,
+                                 ram_available_gb=self.ram_gb, swap_total_gb=0, disk_free_gb=50, cpu_cores=8,
+                                 cuda_devices=[hardware.CudaDevice(f"NVIDIA {self.gpu}", self.vram_gb, self.capability,
+                                                                   cc >= 8.0)],
+                                 packages={"torch": "cuda", "bitsandbytes": "yes"})
+
+
+def _gb(text) -> float:
+    try:
+        return float(str(text).split()[0])
+    except (ValueError, IndexError):
+        return 0.0
+
+
+def flavors(api=None) -> tuple[list[Flavor], str]:
+    """Single-GPU flavors with live prices, or the fallback table (and which one was used)."""
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        return [Flavor(*f) for f in FALLBACK], "fallback table (HF_HUB_OFFLINE is set)"
+    try:
+        from huggingface_hub import HfApi
+
+        live = (api or HfApi()).list_jobs_hardware()
+    except Exception as err:  # noqa: BLE001 -- unreachable or refused: the documented table instead
+        return [Flavor(*f) for f in FALLBACK], f"fallback table (prices endpoint unreachable: {type(err).__name__})"
+    out = []
+    for h in live:
+        acc = h.accelerator
+        if acc is None or str(getattr(acc, "quantity", "1")) not in ("1", "1.0"):
+            continue
+        per_hour = h.unit_cost_usd * {"minute": 60, "hour": 1, "second": 3600}.get(h.unit_label, 60)
+        gpu = str(acc.model)
+        out.append(Flavor(h.name, gpu, _gb(acc.vram), CAPABILITY.get(gpu, "8.0"), per_hour, _gb(h.ram) or 46.0))
+    return (out or [Flavor(*f) for f in FALLBACK]), "live prices (Jobs hardware endpoint)"
+
+
+@dataclass
+class Quote:
+    flavor: Flavor
+    plan: planner.Plan | None
+    why_not: str | None
+
+    @property
+    def hours(self) -> float:
+        return (SETUP_SECONDS + (self.plan.est_seconds if self.plan else 0)) / 3600
+
+    @property
+    def cost(self) -> float:
+        return self.hours * self.flavor.usd_per_hour
+
+
+def quote(cfg, model, prepared, items_per_draw, options: list[Flavor]) -> list[Quote]:
+    out = []
+    for f in options:
+        try:
+            p = planner.make(cfg, f.hardware(), model, "torch", "cuda", len(prepared.train), prepared.mean_tokens,
+                             prepared.longest, prepared.sequences_per_item, items_per_draw, prepared.trained_share,
+                             prepared.sampled_per_item)
+            out.append(Quote(f, p, None))
+        except UserError as err:
+            out.append(Quote(f, None, str(err).split(";")[0]))
+    return out
+
+
+def pick(quotes: list[Quote], requested: str, max_hours: float) -> Quote:
+    if requested != "auto":
+        found = next((q for q in quotes if q.flavor.name == requested), None)
+        if found is None:
+            raise UserError(f"FLAVOR={requested!r} is not a single-GPU Jobs flavor; choose one of auto, "
+                            + ", ".join(q.flavor.name for q in quotes))
+        if found.plan is None:
+            raise UserError(f"FLAVOR={requested}: the run does not fit ({found.why_not})")
+        return found
+    fitting = [q for q in quotes if q.plan and q.hours <= max_hours]
+    if not fitting:
+        raise UserError(f"no Jobs flavor fits this run within REMOTE_MAX_HOURS={max_hours:g}; raise it, or lower "
+                        "MAX_SEQ_LENGTH / pick a smaller MODEL")
+    return min(fitting, key=lambda q: (q.cost, q.hours))
+
+
+def format_quotes(quotes: list[Quote], chosen: Quote | None, source: str) -> str:
+    lines = [f"HF Jobs flavors ({source}; time includes ~{SETUP_SECONDS // 60} min of setup):",
+             f"  {'flavor':<12} {'GPU':<6} {'VRAM':>6} {'$/h':>6}  {'plan':<28} {'time':>8} {'cost':>8}"]
+    for q in quotes:
+        mark = "*" if chosen and q is chosen else " "
+        if q.plan is None:
+            lines.append(f"{mark} {q.flavor.name:<12} {q.flavor.gpu:<6} {q.flavor.vram_gb:>5.0f}G "
+                         f"{q.flavor.usd_per_hour:>6.2f}  does not fit: {q.why_not[:60]}")
+            continue
+        p = q.plan
+        setup = f"b{p.batch_size}x{p.grad_accum}{', ckpt' if p.gradient_checkpointing else ''}, {p.dtype}" \
+                f"{', 4-bit' if p.quantize == '4bit' else ''}"
+        lines.append(f"{mark} {q.flavor.name:<12} {q.flavor.gpu:<6} {q.flavor.vram_gb:>5.0f}G {q.flavor.usd_per_hour:>6.2f}  "
+                     f"{setup:<28} {planner._hms(q.hours * 3600):>8} {'$%.2f' % q.cost:>8}")
+    if chosen:
+        lines.append(f"auto picks {chosen.flavor.name}: the cheapest that fits (* above)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- submit
+def _checkout_files(root: str) -> list[str]:
+    out = [f for f in CODE_FILES if os.path.isfile(os.path.join(root, f))]
+    for d in CODE_DIRS:
+        for base, dirs, names in os.walk(os.path.join(root, d)):
+            dirs[:] = [x for x in dirs if x != "__pycache__"]
+            out += [os.path.relpath(os.path.join(base, n), root) for n in names if not n.endswith(".pyc")]
+    return sorted(out)
+
+
+def job_script(repo: str, revision: str, dataset: str, adapter: str | None) -> str:
+    """The job's command: fetch this checkout + data at a pinned revision, run the same toolkit, which pushes."""
+    fetch = (f"python -m pip install -q huggingface_hub && python -c \"from huggingface_hub import snapshot_download; "
+             f"snapshot_download({repo!r}, repo_type='dataset', revision={revision!r}, local_dir='/workspace/ft')\"")
+    env = f"DATASET={shlex.quote(dataset)}" + (f" ADAPTER={shlex.quote(adapter)}" if adapter else "")
+    return (f"set -euo pipefail\n{fetch}\ncd /workspace/ft/code && chmod +x run.sh setup_environment.sh\n"
+            f"{env} ./run.sh train\n")
+
+
+def submit(cfg, sources: dict, record_plan: Quote, model_name: str, settings_env: dict, api=None) -> dict:
+    """Upload checkout + data, start the job; returns what `jobs` commands need."""
+    from huggingface_hub import HfApi
+
+    from finetune import data as data_mod
+    from finetune import methods
+
+    secret = hub.token()
+    api = api or HfApi(token=secret)
+    try:
+        user = api.whoami()["name"]
+    except Exception as err:  # noqa: BLE001
+        raise hub.hub_error(err, "checking the token") from None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [(os.path.join(root, f), f"code/{f}") for f in _checkout_files(root)]
+    method = methods.get(cfg.method)
+    spec = method.SAMPLE_DIR if cfg.dataset == "sample" else cfg.dataset
+    dataset = cfg.dataset
+    if os.path.exists(spec):
+        train_src, val_src, _ = data_mod.locate(spec)
+        for src in [train_src] + ([val_src] if val_src else []):
+            files.append((src, f"data/{os.path.basename(src)}"))
+        dataset = "/workspace/ft/data" if val_src or os.path.isdir(spec) else f"/workspace/ft/data/{os.path.basename(train_src)}"
+    adapter = None
+    if cfg.adapter:
+        for name in os.listdir(cfg.adapter):
+            if os.path.isfile(os.path.join(cfg.adapter, name)) and name.endswith((".safetensors", ".json", ".jinja")):
+                files.append((os.path.join(cfg.adapter, name), f"adapter/{name}"))
+        adapter = "/workspace/ft/adapter"
+    digest = hashlib.sha256()
+    for path, name in files:
+        digest.update(name.encode())
+        digest.update(open(path, "rb").read())
+    for path, name in files:  # the token must not leave the machine inside any file
+        if secret.encode() in open(path, "rb").read():
+            raise UserError(f"refusing to upload {path}: it contains your Hugging Face token")
+    data_repo = f"{user}/finetune-job-{digest.hexdigest()[:10]}"
+    run_name = cfg.run_name or f"{model_name.split('/')[-1].lower()}-{cfg.method}-{digest.hexdigest()[:6]}"
+    result_repo = hub.check_repo_id(cfg.push_to_hub or f"{user}/{run_name}", "PUSH_TO_HUB")
+    from huggingface_hub import CommitOperationAdd
+
+    try:
+        api.create_repo(data_repo, repo_type="dataset", private=True, exist_ok=True)
+        commit = api.create_commit(data_repo, repo_type="dataset", commit_message="finetune job: code + data",
+                                   operations=[CommitOperationAdd(path_in_repo=n, path_or_fileobj=p) for p, n in files])
+        env = {**settings_env, "PUSH_TO_HUB": result_repo, "RUN_NAME": run_name, "OUTPUT_DIR": f"/workspace/{run_name}",
+               "FLAVOR": "auto", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("REMOTE", None)
+        timeout = int((SETUP_SECONDS + record_plan.plan.est_seconds) * TIMEOUT_MARGIN)
+        job = api.run_job(image=IMAGE, command=["bash", "-c", job_script(data_repo, commit.oid, dataset, adapter)],
+                          env=env, secrets={"HF_TOKEN": secret}, flavor=record_plan.flavor.name, timeout=timeout,
+                          labels={"finetune": "1", "finetune-result": result_repo.replace("/", "--"),
+                                  "finetune-run": run_name})
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise hub.hub_error(err, "submitting the job") from None
+    return {"job": job.id, "url": job.url, "result_repo": result_repo, "data_repo": data_repo, "timeout_s": timeout,
+            "flavor": record_plan.flavor.name, "run_name": run_name}
+
+
+def settings_env(cfg, sources: dict) -> dict:
+    """The settings you set (not the planner's choices: the job plans for its own GPU), as env vars."""
+    from finetune.config import FIELDS, env_name
+
+    skip = {"dataset", "adapter", "output_dir", "run_name", "push_to_hub", "remote", "flavor", "resume", "remote_max_hours"}
+    return {env_name(k): str(getattr(cfg, k)) for k, s in sources.items()
+            if s != "default" and k in FIELDS and not FIELDS[k].metadata["cli_only"] and k not in skip
+            and getattr(cfg, k) is not None}
+
+
+def confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UserError("nothing was submitted: add --yes to submit without asking (stdin is not a terminal)")
+    return input(question + " [y/N] ").strip().lower() in ("y", "yes")
+
+
+def train(cfg, sources: dict) -> int:
+    """`train --remote hf-jobs`: the local checks and plan, the per-flavor preview, then (with yes) the job."""
+    from finetune import train as local
+
+    method, rows, start, model, fallback, tokenizer, prepared = local.inspect(cfg, sources)
+    options, source = flavors()
+    quotes = quote(cfg, model, prepared, method.items_per_draw(cfg), options)
+    chosen = pick(quotes, cfg.flavor, cfg.remote_max_hours)
+    print(f"Data: {rows.source} -> {len(prepared.train)} train items ({rows.shape}), checked here")
+    print(format_quotes(quotes, chosen, source))
+    timeout = int((SETUP_SECONDS + chosen.plan.est_seconds) * TIMEOUT_MARGIN)
+    print(f"Job: {chosen.flavor.name}, timeout {planner._hms(timeout)} (estimate x {TIMEOUT_MARGIN:g}), "
+          f"about ${chosen.cost:.2f}")
+    if cfg.dry_run:
+        return 0
+    if not confirm(f"Submit to HF Jobs on {chosen.flavor.name} (about ${chosen.cost:.2f})?", cfg.yes):
+        print("Not submitted.")
+        return 0
+    job = submit(cfg, sources, chosen, model.name, settings_env(cfg, sources))
+    print(f"Submitted job {job['job']} on {job['flavor']}: {job['url']}\n"
+          f"  watch: ./run.sh jobs status {job['job']}   ./run.sh jobs logs {job['job']} --follow\n"
+          f"  result: pushed to {job['result_repo']}; then ./run.sh jobs pull {job['job']}")
+    return 0

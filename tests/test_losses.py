@@ -1,0 +1,181 @@
+"""The losses are the functions they claim to be: each method's torch and MLX loss against the numpy reference
+(finetune/methods/reference.py) on tiny tensors, the trained-positions-only fast path against the model's own
+full forward, and the SFT step loss against a plain reference computation, for any micro-batch split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backends import torch_losses
+from finetune.config import Config
+from finetune.methods import Batch, reference
+from finetune.template import IGNORE, Encoded
+
+RNG = np.random.default_rng(0)
+
+
+def test_dpo_loss_torch_matches_reference():
+    pc, pr, rc, rr = (RNG.normal(-20, 5, 6) for _ in range(4))
+    want = reference.dpo_losses(pc, pr, rc, rr, beta=0.1).sum() / 6
+    seq = np.stack([pc, pr], 1).reshape(-1)          # chosen, rejected alternating
+    ref = np.stack([rc, rr], 1).reshape(-1)
+    # sequence log-probs from token log-probs: split each sequence into 3 tokens
+    tokens = np.repeat(seq / 3, 3)
+    rows = np.repeat(np.arange(12), 3)
+    loss, stats = torch_losses.dpo(torch.tensor(tokens), torch.tensor(rows), 12, torch.tensor(ref), 0.1, 6.0)
+    assert float(loss) == pytest.approx(want, rel=1e-9)
+    margin = (pc - rc) - (pr - rr)
+    assert stats["pref_accuracy"] == pytest.approx(float((margin > 0).mean()))
+
+
+def test_dpo_loss_by_hand():
+    # one pair, margin 2 nats, beta 0.5: -log sigmoid(1)
+    assert reference.dpo_losses([-1.0], [-3.0], [0.0], [0.0], 0.5)[0] == pytest.approx(np.log1p(np.exp(-1.0)))
+
+
+def test_group_advantages_by_hand():
+    rewards = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    adv = reference.group_advantages(rewards, 4)
+    std = np.std([1, 0, 0, 1], ddof=1)
+    assert adv[:4] == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4)])
+    assert adv[4:] == pytest.approx([0, 0, 0, 0])  # a group that all agree teaches nothing
+
+
+def test_grpo_loss_torch_matches_reference_with_ratio_clip_and_kl():
+    n_tok, n_seq = 10, 3
+    logps, old, ref = RNG.normal(-2, 0.5, n_tok), RNG.normal(-2, 0.5, n_tok), RNG.normal(-2, 0.5, n_tok)
+    rows = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    adv = np.array([1.5, -0.7, 0.2])
+    want = reference.grpo_loss(logps, old, ref, rows, adv, beta=0.04, epsilon=0.2, denominator=12.0)
+    got, _ = torch_losses.grpo(torch.tensor(logps), torch.tensor(rows), torch.tensor(adv), torch.tensor(old),
+                               torch.tensor(ref), 0.04, 0.2, 12.0)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+
+
+def test_grpo_with_no_old_policy_is_the_policy_gradient():
+    logps = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    loss, _ = torch_losses.grpo(logps, torch.tensor([0, 0, 1]), torch.tensor([2.0, -1.0]), None, None, 0.0, 0.2, 3.0)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(-(2 + 2 - 1) / 3)           # ratio 1: -sum(A) / tokens
+    assert logps.grad.tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3])  # d/dlogp = -A / tokens
+
+
+mx = pytest.importorskip("mlx.core")
+
+
+def test_mlx_losses_match_reference():
+    from backends import mlx_losses
+
+    pc, pr, rc, rr = (RNG.normal(-20, 5, 4) for _ in range(4))
+    seq = np.stack([pc, pr], 1).reshape(-1)
+    ref = np.stack([rc, rr], 1).reshape(-1)
+    loss, _ = mlx_losses.dpo(mx.array(seq.astype(np.float32)), mx.ones(8), mx.arange(8), 8,
+                             mx.array(ref.astype(np.float32)), 0.1, 4.0)
+    assert float(loss) == pytest.approx(reference.dpo_losses(pc, pr, rc, rr, 0.1).sum() / 4, rel=1e-5)
+    logps, old, refs = (RNG.normal(-2, 0.5, 6).astype(np.float32) for _ in range(3))
+    rows, adv = np.array([0, 0, 1, 1, 1, 0]), np.array([0.8, -1.2], np.float32)
+    weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # last slot is bucket padding
+    got = mlx_losses.grpo(mx.array(logps), mx.array(weights), mx.array(rows), mx.array(adv), mx.array(old),
+                          mx.array(refs), 0.04, 0.2, 5.0)
+    want = reference.grpo_loss(logps[:5], old[:5], refs[:5], rows[:5], adv, 0.04, 0.2, 5.0)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the real forward passes (tiny model)
+def _plan(**kw):
+    from finetune.plan import Plan
+
+    base = dict(backend="torch", device="cpu", method="sft", batch_size=4, grad_accum=1, max_seq_length=256,
+                max_steps=10, eval_steps=5, save_steps=5, gradient_checkpointing=False, dtype="fp32",
+                quantize="none", memory_kind="ram", memory_total_gb=16, budget_gb=8, predicted_peak_gb=1)
+    return Plan(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def torch_session(tiny_model, tokenizer):
+    from backends.torch_backend import TorchSession
+    from finetune import models
+
+    info = models.info_from_config("finetune/tiny-qwen2", tiny_model, models._read_config(tiny_model), is_tiny=True)
+    return TorchSession(Config(lora_dropout=0.0, beta=0.1), _plan(), info, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    from finetune import data, template
+
+    splits = data.load("sample", 0.1, 42)
+    encoded, _ = template.encode_all(splits.train[:12], tokenizer, 256)
+    return encoded
+
+
+def _reference_sft_loss(model, rows, pad_id) -> float:
+    from finetune.template import pad_batch
+
+    ids, labels, mask = (torch.from_numpy(a) for a in pad_batch(rows, pad_id))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=IGNORE, reduction="sum")
+    return float(ce) / int((target != IGNORE).sum())
+
+
+def test_fast_path_equals_the_full_forward(torch_session, rows):
+    """Logits only at trained positions give exactly the log-probs the full forward gives there."""
+    with torch.no_grad():
+        fast, idx = torch_session.trained_logps(rows[:5])
+        torch_session.fast = False
+        try:
+            full, idx_full = torch_session.trained_logps(rows[:5])
+        finally:
+            torch_session.fast = True
+    assert torch.equal(idx, idx_full) and len(fast) == sum(r.n_trained for r in rows[:5])
+    assert torch.allclose(fast, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("micro", [1, 3, 12])
+def test_sft_step_loss_is_mean_ce_over_every_trained_token_of_the_step(torch_session, rows, micro):
+    """Assistant-only, EOS trained (it is in the labels), mean over the step's trained tokens, whatever the split."""
+    from backends import torch_losses as losses
+    from finetune.methods import micro_batches as split
+
+    want = _reference_sft_loss(torch_session.model, rows, torch_session.pad_id)
+    batch = Batch("sft", rows, float(sum(r.n_trained for r in rows)))
+    total = 0.0
+    with torch.no_grad():
+        for chunk, _ in split(batch, micro):
+            logps, _ = torch_session.trained_logps(chunk)
+            total += float(losses.sft(logps, batch.denominator))
+    assert total == pytest.approx(want, rel=1e-5)
+    eos = torch_session.tokenizer.eos_token_id
+    assert all([t for t in r.labels if t != IGNORE][-1] == eos for r in rows)  # the end-of-turn token is trained
+
+
+def test_torch_and_mlx_give_the_same_dpo_loss_on_the_same_weights(torch_session, tiny_model, tokenizer, rows):
+    """The same base weights, the same (zero-initialised) adapter and batch: per-token log-probs agree within
+    1e-4 and so do the DPO losses (fp32 both)."""
+    from backends.mlx_backend import MLXSession
+    from finetune import models
+
+    info = models.info_from_config("finetune/tiny-qwen2", tiny_model, models._read_config(tiny_model), is_tiny=True)
+    mlx_session = MLXSession(Config(lora_dropout=0.0, beta=0.1), _plan(backend="mlx", device="mlx"), info, tokenizer)
+    seqs = rows[:8]
+    lp_t = torch_session.token_logps(seqs)
+    lp_m = mlx_session.token_logps(seqs)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(lp_t, lp_m)) < 1e-4
+    sums_t, sums_m = np.array([x.sum() for x in lp_t]), np.array([x.sum() for x in lp_m])
+    ref = sums_t + RNG.normal(0, 0.5, 8)  # a reference that differs from the policy
+    loss_t = reference.dpo_losses(sums_t[0::2], sums_t[1::2], ref[0::2], ref[1::2], 0.1).mean()
+    from backends import mlx_losses
+
+    toks = np.concatenate(lp_m).astype(np.float32)
+    owner = np.concatenate([[i] * len(x) for i, x in enumerate(lp_m)])
+    loss_m, _ = mlx_losses.dpo(mx.array(toks), mx.ones(len(toks)), mx.array(owner), 8,
+                               mx.array(ref.astype(np.float32)), 0.1, 4.0)
+    assert float(loss_m) == pytest.approx(loss_t, abs=1e-4)
+
+
+def test_encoded_length_is_its_tokens():
+    assert Encoded([1, 2, 3], [IGNORE, 2, 3]).length == 3

@@ -1,0 +1,108 @@
+"""DPO and GRPO end to end on the tiny model (both backends), chaining from an SFT adapter, and the one-line
+errors for bad rows, bad reward files and bad settings. The losses themselves are tested in test_losses.py;
+the real-model gains are measured by bench/methods.py (numbers in README)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def tiny(run_env, out, **extra) -> dict:
+    return {**run_env, "MODEL": "finetune/tiny-qwen2", "EVAL_ROWS": "4", "EVAL_GENERATIONS": "2",
+            "MAX_NEW_TOKENS": "8", "OUTPUT_DIR": str(out), **extra}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, cache_dir):
+    from finetune.config import FIELDS, env_name
+
+    out = tmp_path_factory.mktemp("chain") / "sft"
+    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in FIELDS}}
+    env.update(FINETUNE_CACHE=cache_dir, HF_HUB_OFFLINE="1")
+    result = run_cli([], tiny(env, out, MAX_STEPS="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_dpo_chained_after_sft(backend, sft_run, run_env, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "dpo"
+    result = run_cli([], tiny(run_env, out, METHOD="dpo", ADAPTER=str(sft_run), MAX_STEPS="2", BATCH_SIZE="2",
+                              BACKEND=backend, SAVE_STEPS="1", SAVE_TOTAL="5"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.load(open(out / "run.json"))
+    assert run["chain"]["from_run"] == json.load(open(sft_run / "run.json"))["run_name"]
+    assert run["config"]["beta"] == 0.1 and run["settings"]["beta"]["source"] == "dpo default"
+    before, after = run["evaluation"]["before"], run["evaluation"]["after"]
+    assert before["eval_loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the starting model itself
+    assert {"pref_accuracy", "reward_margin"} <= set(after["metrics"]) and after["eval_loss"] != before["eval_loss"]
+    start = load_file(str(out / "checkpoints" / "step-0" / "adapter_model.safetensors"))
+    sft = load_file(str(sft_run / "adapter_model.safetensors"))
+    assert set(start) == set(sft) and all(abs(start[k] - sft[k]).max() < 1e-6 for k in sft)  # started from SFT
+    report = open(out / "report.md").read()
+    assert "| metric | starting adapter | after training |" in report and "pref_accuracy" in report
+
+
+REWARD_FILE = """
+def score(prompts, completions, answer, **kwargs):
+    return [float(len(c[0]["content"]) < 20) for c in completions]
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_grpo_with_a_user_reward_file(backend, run_env, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    out = tmp_path / "grpo"
+    result = run_cli([], tiny(run_env, out, METHOD="grpo", REWARD=f"json_format,{tmp_path}/rewards.py:score",
+                              MAX_STEPS="2", BATCH_SIZE="4", GRAD_ACCUM="1", NUM_GENERATIONS="2", BACKEND=backend,
+                              BETA="0.04"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.load(open(out / "run.json"))
+    after = run["evaluation"]["after"]["metrics"]
+    assert {"reward", "reward/json_format", f"reward/{tmp_path}/rewards.py:score", "completion_length"} <= set(after)
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert any("reward" in m and "completion_length" in m for m in logged)
+    assert run["config"]["reward"].startswith("json_format,") and run["config"]["beta"] == 0.04
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("import nonexistent_module_xyz\n", "cannot be imported (ModuleNotFoundError"),
+    ("def score(prompts):\n    return [1.0]\n", "must accept `completions`"),
+    ("def score(prompts, completions, **kw):\n    return ['good' for _ in completions]\n", "every reward must be a finite number"),
+    ("def score(prompts, completions, **kw):\n    return [1.0]\n", "one number per completion"),
+    ("x = 1\n", "has no function 'score'"),
+])
+def test_bad_reward_files_are_one_line_errors_before_any_weights_load(content, needle, run_env, tmp_path):
+    (tmp_path / "r.py").write_text(content)
+    result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "out", METHOD="grpo", REWARD=f"{tmp_path}/r.py:score"))
+    assert result.returncode == 2, result.stdout[-1000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_bad_preference_rows_and_settings(run_env, tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}\n'
+                   '{"prompt": "Hi", "chosen": "", "rejected": "x"}\n{"prompt": "Hi", "chosen": "Hello"}\n')
+    result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "o", METHOD="dpo", DATASET=str(bad)))
+    assert result.returncode == 2
+    assert f"{bad}:2: 'chosen' must be a non-empty string" in result.stderr and f"{bad}:3:" in result.stderr
+    assert "Traceback" not in result.stderr
+    for env, needle in (({"NUM_GENERATIONS": "1"}, "NUM_GENERATIONS='1' is not valid"),
+                        ({"BETA": "-1"}, "BETA='-1' is not valid"), ({"METHOD": "kto"}, "METHOD='kto' is not valid")):
+        result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "o", **{"METHOD": "grpo", **env}))
+        assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_data_and_train_agree_on_the_shipped_samples(run_env):
+    for method in ("sft", "dpo", "grpo"):
+        checked = run_cli(["check-data", "sample", "--method", method, "--model", "finetune/tiny-qwen2"], run_env)
+        assert checked.returncode == 0 and f"Result: ready for {method}" in checked.stdout, checked.stdout[-800:]
+        planned = run_cli(["--dry-run"], {**run_env, "METHOD": method, "MODEL": "finetune/tiny-qwen2"})
+        assert planned.returncode == 0 and f"method              {method}" in planned.stdout, planned.stderr[-800:]
