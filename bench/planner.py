@@ -6,7 +6,10 @@ its own process (MAX_STEPS steps, no generations), so its measured peak (process
 is that cell's alone. Prints predicted vs measured peak memory (goal: every cell within +-20%) and predicted vs
 measured training time (goal: within +-30%).
 
-Run:  python bench/planner.py [--steps 4] [--quick]    (~25 minutes on 2 cores; --quick: batch 1 and 16 only)
+Short cells run more steps (at least --min-tokens tokens, so that a few seconds of start-up noise on a shared
+machine do not decide the cell).
+
+Run:  python bench/planner.py [--steps 6] [--quick | --batches 1,4] (~30 minutes on 2 cores; --quick: batch 1, 16)
 """
 from __future__ import annotations
 
@@ -56,26 +59,34 @@ def run_cell(dataset: str, batch: int, ckpt: str, dtype: str, steps: int) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--min-tokens", type=int, default=8000)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--batches", help="comma-separated batch sizes (default 1,4,16)")
+    p.add_argument("--ckpt", default="off,on", help="gradient checkpointing values (default off,on)")
+    p.add_argument("--rows", default="~90,~500", help="row lengths (default ~90,~500)")
     args = p.parse_args()
     long_path = long_rows(os.path.join(tempfile.mkdtemp(prefix="bench-long-"), "long.jsonl"))
-    datasets = {"~90": "sample", "~500": long_path}
-    batches = (1, 16) if args.quick else (1, 4, 16)
-    print(f"model {MODEL}, torch backend on {os.cpu_count()} CPU cores, {args.steps} steps per cell; "
-          "memory = peak process RSS (run.json)")
-    print("\n| rows | batch | ckpt | dtype | predicted GB | measured GB | error | predicted s | measured s | error |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    datasets = {k: v for k, v in {"~90": "sample", "~500": long_path}.items() if k in args.rows.split(",")}
+    row_tokens = {"~90": 88, "~500": 438}
+    batches = (tuple(int(b) for b in args.batches.split(",")) if args.batches else (1, 16) if args.quick
+               else (1, 4, 16))
+    print(f"model {MODEL}, torch backend on {os.cpu_count()} CPU cores, >= {args.steps} steps and >= "
+          f"{args.min_tokens} tokens per cell; memory = peak process RSS (run.json)")
+    print("\n| rows | batch | steps | ckpt | dtype | predicted GB | measured GB | error | predicted s | measured s | error |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     worst_mem = worst_time = 0.0
-    for (label, ds), batch, ckpt, dtype in itertools.product(datasets.items(), batches, ("off", "on"), ("fp32", "bf16")):
-        cell = run_cell(ds, batch, ckpt, dtype, args.steps)
+    for (label, ds), batch, ckpt, dtype in itertools.product(datasets.items(), batches, args.ckpt.split(","),
+                                                             ("fp32", "bf16")):
+        steps = max(args.steps, -(-args.min_tokens // (batch * row_tokens[label])))
+        cell = run_cell(ds, batch, ckpt, dtype, steps)
         if "error" in cell:
-            print(f"| {label} | {batch} | {ckpt} | {dtype} | failed: {cell['error']} |")
+            print(f"| {label} | {batch} | {steps} | {ckpt} | {dtype} | failed: {cell['error']} |")
             continue
         mem_err = cell["predicted_gb"] / cell["measured_gb"] - 1
         time_err = cell["predicted_s"] / cell["measured_s"] - 1
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
-        print(f"| {label} ({cell['tokens']:.0f}) | {batch} | {ckpt} | {dtype} | {cell['predicted_gb']:.2f} | "
+        print(f"| {label} ({cell['tokens']:.0f}) | {batch} | {steps} | {ckpt} | {dtype} | {cell['predicted_gb']:.2f} | "
               f"{cell['measured_gb']:.2f} | {mem_err:+.0%} | {cell['predicted_s']:.1f} | {cell['measured_s']:.1f} | "
               f"{time_err:+.0%} |", flush=True)
     print(f"\nworst memory error {worst_mem:.0%} (goal <= 20%), worst time error {worst_time:.0%} (goal <= 30%)")

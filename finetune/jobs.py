@@ -72,6 +72,14 @@ def list_jobs(args) -> int:
     return 0
 
 
+TIMEOUT_HINT = ("it ran past its timeout (the estimate x 1.5): submit again with a faster --flavor, or fewer "
+                "MAX_STEPS / a smaller MODEL")
+
+
+def _timed_out(job) -> bool:
+    return job.status.stage == "ERROR" and "timeout" in (job.status.message or "").lower().replace(" ", "")
+
+
 def status(args) -> int:
     api = _api()
     ns = _namespace(api)
@@ -86,6 +94,8 @@ def status(args) -> int:
         print(f"  result repo: {result}" + ("  (./run.sh jobs pull " + job.id + ")" if job.status.stage == "COMPLETED" else ""))
     if job.status.stage == "ERROR":
         print("  last log lines:\n" + "\n".join("    " + x for x in lines[-10:]))
+        if _timed_out(job):
+            print(f"  {TIMEOUT_HINT}")
     return 0
 
 
@@ -117,6 +127,8 @@ def pull(args) -> int:
         tail = list(_call(f"logs of {args.job}", api.fetch_job_logs, job_id=args.job, namespace=ns, tail=5)) \
             if stage == "ERROR" else []
         hint = f"; last lines: {' | '.join(tail)}" if tail else "; wait for it (./run.sh jobs status " + args.job + ")"
+        if _timed_out(job):
+            hint = f" ({TIMEOUT_HINT})"
         raise UserError(f"job {args.job} is {stage}, nothing to pull{hint}")
     labels = job.labels or {}
     repo = labels.get("finetune-result", "").replace("--", "/")

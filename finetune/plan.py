@@ -75,6 +75,9 @@ STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.03, "mps": 0.05, "mlx": 0.05}
 # The first step also pays for allocating (page-faulting) the activation memory and creating the matmul kernels:
 # on the CPU it costs ~2.5 ordinary steps (bench/planner.py: 5-step cells vs 30-step bench/speed.py runs).
 WARMUP_STEPS = {"cpu": 1.5}
+# Checkpointing also costs a fixed ~0.3 s per micro-batch on the CPU (per-layer save/restore bookkeeping):
+# at batch 1 it made steps 1.65x slower, not the 1.25x of recomputing the forward (bench/planner.py).
+CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the
 # run itself measures (hardware.measure_cpu_peak, best trial): bf16 0.47 with eager attention on short rows, 0.37
 # with the flash kernel on long rows, fp32 0.55 (bench/planner.py, bench/speed.py). GPU: a guess to calibrate.
@@ -243,7 +246,7 @@ def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") 
         # host) while a minutes-long run averages it out.
         if measured * 1e9 >= table:
             return measured * 1e9, eff, "measured"
-        return table, eff, f"table; this run's probe read {measured:.0f} GFLOP/s, a busy moment"
+        return table, eff, f"table for this CPU; this run's probe read {measured:.0f} GFLOP/s, below it"
     return table, eff, "table"
 
 
@@ -366,7 +369,8 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     compute_s = tokens * flops_per_token * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1) / (peak_flops * eff)
     # Fixed cost per micro-batch (batching, autograd bookkeeping, optimizer); dominates small models.
     seconds = (compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps)
-               + max_steps * grad_accum * STEP_OVERHEAD_S.get(device, 0.05))
+               + max_steps * grad_accum * (STEP_OVERHEAD_S.get(device, 0.05)
+                                           + (CKPT_STEP_OVERHEAD_S.get(device, 0) if ckpt else 0)))
     if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
         per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
         seconds += max_steps * sampled_per_item * per_position

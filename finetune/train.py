@@ -32,11 +32,14 @@ RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save
                      "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours"}
 
 
-def resolved(cfg: Config, plan: planner.Plan, method, prepared) -> Config:
-    """The config with every auto setting decided: what backends get and what run.json records."""
+def resolved(cfg: Config, plan: planner.Plan, method, prepared, sources: dict[str, str] | None = None) -> Config:
+    """The config with every auto setting decided: what backends get and what run.json records. A learning
+    rate nobody set is the method's own (preference losses need a far smaller one than SFT)."""
     out = replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum, max_steps=plan.max_steps,
                   eval_steps=plan.eval_steps, save_steps=plan.save_steps, dtype=plan.dtype, quantize=plan.quantize,
                   gradient_checkpointing="on" if plan.gradient_checkpointing else "off")
+    if (sources or {}).get("learning_rate") == "default" and hasattr(method, "LEARNING_RATE"):
+        out = replace(out, learning_rate=method.LEARNING_RATE)
     return replace(out, **method.defaults(out, prepared)) if hasattr(method, "defaults") else out
 
 
@@ -47,8 +50,8 @@ def settings_table(cfg: Config, final: Config, sources: dict[str, str]) -> dict[
         if FIELDS[f.name].metadata["cli_only"]:
             continue
         before, after, source = getattr(cfg, f.name), getattr(final, f.name), sources[f.name]
-        if before != after and (before is None or before == "auto"):
-            source = "plan" if f.name not in ("beta", "reward") else f"{cfg.method} default"
+        if before != after and (before is None or before == "auto" or f.name == "learning_rate"):
+            source = "plan" if f.name not in ("beta", "reward", "learning_rate") else f"{cfg.method} default"
         out[f.name] = {"value": after, "source": source}
     return out
 
@@ -155,7 +158,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
             return 0
         raise
     _check_combination(cfg, plan)
-    final = replace(resolved(cfg, plan, method, prepared), model=model.name)
+    final = replace(resolved(cfg, plan, method, prepared, sources), model=model.name)
     settings = settings_table(cfg, final, sources) if record is None else record["settings"]
     print(format_settings(settings))
     print(f"Model: {model.name} ({model.source}: {model.path}, {model.num_params / 1e6:.1f}M parameters)")

@@ -149,3 +149,6 @@ def test_a_failed_job_shows_its_last_lines_and_pull_refuses(hub, run_env, tmp_pa
     assert pulled.returncode == 2 and "is ERROR, nothing to pull" in pulled.stderr and "could not be loaded" in pulled.stderr
     unknown = run_cli(["jobs", "status", "0123456789abcdef01234567"], env)
     assert unknown.returncode == 2 and "no such job" in unknown.stderr
+    hub.set_job_stage(job_id, "ERROR", "Job timeout")
+    timed_out = run_cli(["jobs", "pull", job_id], env)
+    assert timed_out.returncode == 2 and "ran past its timeout" in timed_out.stderr, timed_out.stderr

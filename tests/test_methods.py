@@ -106,3 +106,7 @@ def test_check_data_and_train_agree_on_the_shipped_samples(run_env):
         assert checked.returncode == 0 and f"Result: ready for {method}" in checked.stdout, checked.stdout[-800:]
         planned = run_cli(["--dry-run"], {**run_env, "METHOD": method, "MODEL": "finetune/tiny-qwen2"})
         assert planned.returncode == 0 and f"method              {method}" in planned.stdout, planned.stderr[-800:]
+        # an unset learning rate is the method's own (preference losses need a far smaller one), and says so
+        lr = {"sft": "0.0002                           <- default ", "dpo": "2e-05                            <- dpo default",
+              "grpo": "5e-05                            <- grpo default"}[method]
+        assert f"learning_rate            {lr}" in planned.stdout, planned.stdout[:3000]

@@ -24,6 +24,10 @@ from finetune.template import Encoded, encode
 NAME = "dpo"
 SAMPLE_DIR = DPO_DIR
 DEFAULT_BETA = 0.1
+# LEARNING_RATE unset: 10x below SFT's. Measured (bench/methods.py, SmolLM2 after 3 SFT steps, 20 x 16 pairs):
+# 1e-4 pushed the reward margin to 3.2 but broke generation (valid_format 100% -> 25%); 2e-5 raises preference
+# accuracy (96.9% -> 100%) with a smaller cost (84% -> 69%).
+LEARNING_RATE = 2e-5
 
 
 @dataclass
