@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from finetune import fsio, hub, remote, runs
 from finetune.errors import UserError
+from finetune.progress import hms
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss ([0-9.]+|-)")
 TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
@@ -87,7 +88,7 @@ def status(args) -> int:
     elapsed = _elapsed(job)
     lines = list(_call(f"logs of {args.job}", api.fetch_job_logs, job_id=args.job, namespace=ns, tail=200))
     print(f"job {job.id}: {job.status.stage}{' (' + job.status.message + ')' if job.status.message else ''}")
-    print(f"  flavor {job.flavor}, elapsed {remote.planner._hms(elapsed)}, cost so far ~${elapsed / 3600 * _price(job.flavor):.2f}")
+    print(f"  flavor {job.flavor}, elapsed {hms(elapsed)}, cost so far ~${elapsed / 3600 * _price(job.flavor):.2f}")
     print(f"  progress: {last_progress(lines) or 'no training step logged yet'}")
     result = (job.labels or {}).get("finetune-result", "").replace("--", "/")
     if result:

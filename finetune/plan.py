@@ -14,6 +14,7 @@ from finetune.config import Config
 from finetune.errors import UserError
 from finetune.hardware import Hardware
 from finetune.models import ModelInfo
+from finetune.progress import hms
 
 GB = 2**30
 
@@ -395,11 +396,6 @@ def save_steps_default(max_steps: int, est_seconds: float) -> int:
     return max(1, min(by_time, math.ceil(max_steps / 10)))
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def format_plan(plan: Plan) -> str:
     """The table `finetune train --dry-run` prints."""
     parts = " + ".join(f"{k} {v:.2f}" for k, v in plan.breakdown_gb.items())
@@ -415,7 +411,7 @@ def format_plan(plan: Plan) -> str:
         ("quantize", plan.quantize),
         ("memory", f"{plan.memory_kind} {plan.memory_total_gb:.1f} GB, budget {plan.budget_gb:.1f} GB"),
         ("predicted peak", f"{plan.predicted_peak_gb:.2f} GB = {parts}"),
-        ("time estimate", f"{_hms(plan.est_seconds)} of training steps (~{plan.est_tokens_per_s:,.0f} tokens/s; "
+        ("time estimate", f"{hms(plan.est_seconds)} of training steps (~{plan.est_tokens_per_s:,.0f} tokens/s; "
                           "evaluation comes on top)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -11,7 +11,8 @@ import sys
 
 
 def hms(seconds: float) -> str:
-    seconds = max(0, int(seconds))
+    """H:MM:SS, the one format for durations (ETA, plan estimates, job timeouts)."""
+    seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 

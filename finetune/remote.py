@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from finetune import hardware, hub
 from finetune import plan as planner
 from finetune.errors import UserError
+from finetune.progress import hms
 
 IMAGE = "ghcr.io/astral-sh/uv:python3.12-bookworm"   # what `hf jobs uv run` uses: Python 3.12, pip, bash
 SETUP_SECONDS = 15 * 60      # image pull + venv + CUDA torch download + model download, before step 1
@@ -137,7 +138,7 @@ def format_quotes(quotes: list[Quote], chosen: Quote | None, source: str) -> str
         setup = f"b{p.batch_size}x{p.grad_accum}{', ckpt' if p.gradient_checkpointing else ''}, {p.dtype}" \
                 f"{', 4-bit' if p.quantize == '4bit' else ''}"
         lines.append(f"{mark} {q.flavor.name:<12} {q.flavor.gpu:<6} {q.flavor.vram_gb:>5.0f}G {q.flavor.usd_per_hour:>6.2f}  "
-                     f"{setup:<28} {planner._hms(q.hours * 3600):>8} {'$%.2f' % q.cost:>8}")
+                     f"{setup:<28} {hms(q.hours * 3600):>8} {'$%.2f' % q.cost:>8}")
     if chosen:
         lines.append(f"auto picks {chosen.flavor.name}: the cheapest that fits (* above)")
     return "\n".join(lines)
@@ -252,7 +253,7 @@ def train(cfg, sources: dict) -> int:
     print(f"Data: {rows.source} -> {len(prepared.train)} train items ({rows.shape}), checked here")
     print(format_quotes(quotes, chosen, source))
     timeout = int((SETUP_SECONDS + chosen.plan.est_seconds) * TIMEOUT_MARGIN)
-    print(f"Job: {chosen.flavor.name}, timeout {planner._hms(timeout)} (estimate x {TIMEOUT_MARGIN:g}), "
+    print(f"Job: {chosen.flavor.name}, timeout {hms(timeout)} (estimate x {TIMEOUT_MARGIN:g}), "
           f"about ${chosen.cost:.2f}")
     if cfg.dry_run:
         return 0

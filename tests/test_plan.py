@@ -10,6 +10,7 @@ import pytest
 
 from finetune import plan
 from finetune.config import Config
+from finetune.progress import hms
 from finetune.errors import UserError
 from finetune.hardware import CudaDevice, Hardware
 from finetune.models import info_from_config
@@ -298,7 +299,7 @@ def test_plan_to_dict_and_format():
     for needle in ("torch / cuda", f"{p.batch_size} x {p.grad_accum} = 16 effective", "1024", "4bit",
                    "fp16", "vram", f"{p.budget_gb:.1f} GB", "weights", "logits", "tokens/s", p.reasons[0]):
         assert needle in text, needle
-    assert plan._hms(3725) == "1:02:05"
+    assert hms(3725) == "1:02:05"
 
 
 def test_plan_module_is_import_light():
