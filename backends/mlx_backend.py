@@ -18,19 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.mlx_blas import use_openblas
 from finetune import interop
 from finetune.errors import UserError
+from finetune.hardware import GB
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
 SUPPORTED_METHODS = ("sft", "dpo", "grpo")
 FALLBACK = "use BACKEND=torch (PyTorch MPS)"
-GB = 2**30
 PAD_TO = 32                      # pad widths to multiples of 32, as mlx-lm does: the compiled step sees few shapes
 TOKENS_TO = 64                   # gathered trained tokens are padded to a multiple of this, for the same reason
 QUANT_GROUP, QUANT_BITS = 64, 4  # mlx-lm's `convert -q` defaults (affine): layers whose width 64 does not divide stay 16-bit
 FAST_PATH_TYPES = {"llama", "qwen2", "qwen3", "mistral"}   # logits = lm_head(model.model(x)) exactly
 MAX_GRAD_NORM, GRPO_EPSILON = 1.0, 0.2
+
+use_openblas()  # before anything imports mlx.core (mlx_model_type imports mlx_lm); see backends/mlx_blas.py
 
 
 def _mx():
@@ -250,8 +253,9 @@ class MLXSession:
             logps = self._logps(model, ids, b_idx, t_idx, targets)
             if method == "sft":
                 return losses.sft(logps, weights, denominator)
-            if method == "dpo":
-                return losses.dpo(logps, weights, b_idx, ids.shape[0], seq_extra, cfg.beta, denominator)[0]
+            if method == "dpo":  # seq_extra rows: reference log-probs, RPO weights (methods/dpo.make_batch)
+                return losses.dpo(logps, weights, b_idx, ids.shape[0], seq_extra[0], cfg.beta, denominator,
+                                  seq_extra[1] if cfg.rpo_alpha else None)[0]
             return losses.grpo(logps, weights, b_idx, seq_extra, None, ref_tokens, cfg.beta, GRPO_EPSILON, denominator)
 
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
@@ -275,7 +279,8 @@ class MLXSession:
         denominator = mx.array(batch.denominator, dtype=mx.float32)
         for chunk, extra in micro_batches(batch, micro_batch):
             ids, b_idx, t_idx, targets, weights, n = self._arrays(chunk)
-            seq_extra = mx.array(np.asarray(extra.get("ref", extra.get("advantage", [0.0])), np.float32))
+            seq_extra = mx.array(np.asarray([extra["ref"], extra["nll"]] if batch.method == "dpo"
+                                            else extra.get("advantage", [0.0]), np.float32))
             ref_tokens = None
             if batch.method == "grpo" and self.cfg.beta:
                 with self.adapter_disabled():

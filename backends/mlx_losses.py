@@ -3,8 +3,11 @@ over the log-probs of a micro-batch's trained tokens. Padding entries carry weig
 so the gathered token count is rounded up to a bucket and the extra slots are masked out)."""
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
+from backends.mlx_blas import use_openblas
+
+use_openblas()  # noqa: E402 - before libmlx.so loads (backends/mlx_blas.py)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 
 def per_sequence(logps, weights, rows, n_rows: int):
@@ -15,10 +18,13 @@ def sft(logps, weights, denominator):
     return -(logps * weights).sum() / denominator
 
 
-def dpo(logps, weights, rows, n_rows: int, ref, beta: float, denominator):
+def dpo(logps, weights, rows, n_rows: int, ref, beta: float, denominator, nll=None):
     seq = per_sequence(logps, weights, rows, n_rows)
     margin = (seq[0::2] - ref[0::2]) - (seq[1::2] - ref[1::2])
-    return -nn.log_sigmoid(beta * margin).sum() / denominator, margin
+    loss = -nn.log_sigmoid(beta * margin).sum() / denominator
+    if nll is not None:  # RPO, as in torch_losses.dpo
+        loss = loss - (logps * weights * nll[rows]).sum()
+    return loss, margin
 
 
 def grpo(logps, weights, rows, advantages, old, ref, beta: float, epsilon: float, denominator):

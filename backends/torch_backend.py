@@ -217,7 +217,9 @@ class TorchSession:
                 loss = losses.sft(logps, batch.denominator)
             elif batch.method == "dpo":
                 ref = torch.tensor(extra["ref"], dtype=logps.dtype, device=logps.device)
-                loss, s = losses.dpo(logps, rows, len(chunk), ref, self.cfg.beta, batch.denominator)
+                nll = (torch.tensor(extra["nll"], dtype=logps.dtype, device=logps.device)
+                       if self.cfg.rpo_alpha else None)
+                loss, s = losses.dpo(logps, rows, len(chunk), ref, self.cfg.beta, batch.denominator, nll)
                 _accumulate(stats, s, len(chunk) / 2 / batch.denominator)
             else:
                 adv = torch.tensor(extra["advantage"], dtype=logps.dtype, device=logps.device)

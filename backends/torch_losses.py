@@ -22,12 +22,16 @@ def sft(logps: torch.Tensor, denominator: float) -> torch.Tensor:
 
 
 def dpo(logps: torch.Tensor, rows: torch.Tensor, n_rows: int, ref: torch.Tensor, beta: float,
-        denominator: float) -> tuple[torch.Tensor, dict]:
+        denominator: float, nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sigmoid DPO. Sequences alternate chosen, rejected; `ref` holds the reference model's sequence log-probs
-    in the same order. Loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), summed / pairs in step."""
+    in the same order. Loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), summed / pairs in step.
+    RPO: `nll` per sequence = rpo_alpha / chosen tokens in the step for chosen answers, 0 for rejected ones, so
+    the added term is rpo_alpha x the chosen answers' mean token NLL over the step (TRL's rpo_alpha)."""
     seq = per_sequence(logps, rows, n_rows)
     margin = (seq[0::2] - ref[0::2]) - (seq[1::2] - ref[1::2])
     loss = -F.logsigmoid(beta * margin).sum() / denominator
+    if nll is not None:
+        loss = loss - (logps * nll[rows]).sum()
     return loss, {"reward_margin": float((beta * margin).mean()), "pref_accuracy": float((margin > 0).float().mean())}
 
 

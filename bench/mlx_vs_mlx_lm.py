@@ -33,6 +33,9 @@ MLX_LM_RECIPE = dict(batch_size=4, grad_accum=1, lora_r=8, lora_alpha=160.0, lor
 
 
 def run_mlx_lm(rows: int) -> dict:
+    from backends.mlx_blas import use_openblas
+
+    use_openblas()  # as our backend does (backends/mlx_blas.py), so both sides get the same BLAS
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.lora import CONFIG_DEFAULTS, train_model
@@ -66,6 +69,9 @@ def run_mlx_lm(rows: int) -> dict:
 
 
 def run_ours(rows: int, recipe: dict) -> dict:
+    from backends.mlx_blas import use_openblas
+
+    use_openblas()  # what backends.mlx_backend does on import; mlx.core is imported first here
     import mlx.core as mx
 
     from backends.mlx_backend import BACKEND

@@ -13,7 +13,8 @@ is scored the same way: mean cross-entropy per answer token on 64 held-out rows,
 Also measured in the same run: the bf16 and fp32 matmul peak (2048^3), so model FLOP/s can be put against it.
 MLX (--mlx): mlx-lm's own trainer and compiled step (mlx_lm.tuner.trainer.train with its batching, loss and
 Adam; rank/steps/batch/lr set the same, all layers, prompt masked) vs `finetune train` with BACKEND=mlx, on the
-tiny model: mlx[cpu] on x86 links a reference BLAS (~4 GFLOP/s), so it proves the ratio only. Both count
+tiny model, both with the system OpenBLAS (backends/mlx_blas.py; mlx[cpu] alone links a ~4 GFLOP/s reference
+BLAS): mlx[cpu] is not a speed path, so this proves the ratio only. Both count
 non-padding input tokens; mlx-lm's first (compiling) step is left out, ours is not.
 
 Run:  python bench/speed.py [--steps 30] [--batch 16] [--lr 2e-4] [--mlx]   (~15 minutes on 2 cores)
@@ -168,6 +169,9 @@ def run_finetune(args, model, tok, splits, rows, held) -> dict:
 def run_mlx_lm(args, model, tok, splits, rows, held) -> dict:
     """mlx-lm's own trainer and compiled step (mlx_lm.tuner.trainer.train with its iterate_batches, default_loss,
     Adam) on the same rows, prompt masked, LoRA on every layer at the same rank; timed from its own reports."""
+    from backends.mlx_blas import use_openblas
+
+    use_openblas()  # the BLAS our MLX backend gets too (backends/mlx_blas.py): same footing for both
     import mlx.optimizers as optim
     from mlx_lm import load
     from mlx_lm.tuner import trainer as mt

@@ -73,6 +73,8 @@ class Config:
         "continue the run in this directory from its last whole checkpoint"))
     beta: float | None = field(default=None, metadata=_opt(
         "DPO: strength of the preference (auto 0.1); GRPO: weight of the KL to the reference (auto 0 = off)", lo=0))
+    rpo_alpha: float | None = field(default=None, metadata=_opt(
+        "DPO: weight of the chosen answers' NLL added to the loss (RPO, TRL's rpo_alpha; auto 1; 0 = plain DPO)", lo=0))
     reward: str | None = field(default=None, metadata=_opt(
         "GRPO rewards, comma-separated: built-ins (see README) or file.py:function (auto: from the data)"))
     num_generations: int = field(default=4, metadata=_opt("GRPO: completions sampled per prompt", lo=2))

@@ -12,6 +12,7 @@ Both are built under temp names and renamed, so a half-finished install is never
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -62,14 +63,24 @@ def _sdist(work: str) -> str:
     return os.path.join(work, SDIST)
 
 
-def ensure_converter() -> str:
+@contextlib.contextmanager
+def _source(src: str | None):
+    """`src` when the caller already has the unpacked sdist, else a fresh download (removed afterwards)."""
+    if src:
+        yield src
+        return
+    with tempfile.TemporaryDirectory(prefix="llama-sdist-") as work:
+        yield _sdist(work)
+
+
+def ensure_converter(src: str | None = None) -> str:
     script = converter_script()
     if os.path.isfile(script):
         return script
 
     def build(tmp: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="llama-sdist-") as work:
-            vendor = os.path.join(_sdist(work), "vendor", "llama.cpp")
+        with _source(src) as unpacked:
+            vendor = os.path.join(unpacked, "vendor", "llama.cpp")
             import shutil
 
             shutil.copy2(os.path.join(vendor, "convert_hf_to_gguf.py"), tmp)
@@ -82,17 +93,16 @@ def ensure_converter() -> str:
     return script
 
 
-def ensure_runtime() -> str:
+def ensure_runtime(src: str | None = None) -> str:
     target = runtime_dir()
     if os.path.isdir(os.path.join(target, "llama_cpp")):
         return target
 
     def build(tmp: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="llama-build-") as work:
-            src = _sdist(work)
+        with _source(src) as unpacked, tempfile.TemporaryDirectory(prefix="llama-build-") as work:
             print("Building llama.cpp (llama-cpp-python, portable CPU build; about 5 minutes, once) ...", flush=True)
             env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-            _pip(["wheel", "--no-deps", "-w", os.path.join(work, "wheel"), src], "building llama-cpp-python", env)
+            _pip(["wheel", "--no-deps", "-w", os.path.join(work, "wheel"), unpacked], "building llama-cpp-python", env)
             wheel = glob.glob(os.path.join(work, "wheel", "*.whl"))[0]
             _pip(["install", "--no-deps", "--target", tmp, wheel, *RUNTIME_DEPS], "installing llama-cpp-python")
 
@@ -101,8 +111,12 @@ def ensure_runtime() -> str:
 
 
 def install() -> list[str]:
-    """Both tools (`finetune export --install-tools`, which CI runs before the tests)."""
-    return [ensure_converter(), ensure_runtime()]
+    """Both tools (`finetune export --install-tools`, which CI runs before the tests), from one download."""
+    if os.path.isfile(converter_script()) and os.path.isdir(os.path.join(runtime_dir(), "llama_cpp")):
+        return [converter_script(), runtime_dir()]
+    with tempfile.TemporaryDirectory(prefix="llama-sdist-") as work:
+        src = _sdist(work)
+        return [ensure_converter(src), ensure_runtime(src)]
 
 
 def convert(model_dir: str, outtype: str, out_file: str) -> None:

@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from finetune.config import Config
 from finetune.errors import UserError
-from finetune.hardware import Hardware
+from finetune.hardware import GB, Hardware
 from finetune.models import ModelInfo
 from finetune.progress import hms
 
-GB = 2**30
 
 # ---- Constants, in one place. Rough by design; run.json records the measured peak and speed. ----
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -64,7 +63,8 @@ APPLE_PEAK = 10e12            # an M-series Max GPU; scaled by tier below
 APPLE_TIER = (("Ultra", 2.0), ("Max", 1.0), ("Pro", 0.5))
 APPLE_TIER_BASE = 0.3
 # Per-core dense matmul rates measured on 2-core VMs (best of many trials): AMX bf16 ~457 G (913 on 2 cores),
-# AVX-512-bf16 ~207 G, fp32 on either ~95-103 G. mlx[cpu] 0.32: 1024^3 fp32 at 5 GFLOP/s on 2 cores.
+# AVX-512-bf16 ~207 G, fp32 on either ~95-103 G. mlx[cpu] 0.32 with its bundled reference BLAS: 1024^3 fp32 at
+# 5 GFLOP/s on 2 cores (with the system OpenBLAS it gets the fp32 rates: backends/mlx_blas.py).
 CPU_PEAK_PER_CORE = {"amx": 0.45e12, "avx512_bf16": 0.2e12, "fp32_avx512": 0.095e12, "fp32": 0.05e12,
                      "mlx_cpu": 2.5e9}
 # bench/cpu_dtype.py (AVX-512-bf16, no AMX, 2 cores): LoRA training bf16/fp32 = 0.84x at 0.9M params,
@@ -229,8 +229,11 @@ def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") 
         tier = next((t for word, t in APPLE_TIER if word in hw.chip), APPLE_TIER_BASE)
         return APPLE_PEAK * tier, EFFICIENCY_GPU, "table"
     eff = EFFICIENCY_CPU[(dtype if dtype in ("bf16", "fp32") else "fp32", attention)]
-    if device == "mlx":  # mlx[cpu]: its own CPU matmul, far below the BLAS torch uses
+    if device == "mlx" and not hw.mlx_openblas:  # mlx[cpu] with its bundled reference BLAS
         per_core = CPU_PEAK_PER_CORE["mlx_cpu"]
+    elif device == "mlx":  # mlx[cpu] computes in fp32 (plan.pick_dtype); OpenBLAS (backends/mlx_blas.py)
+        per_core = CPU_PEAK_PER_CORE["fp32_avx512" if any(f.startswith("avx512") for f in hw.cpu_features)
+                                     else "fp32"]
     elif dtype == "bf16" and "amx_bf16" in hw.cpu_features:
         per_core = CPU_PEAK_PER_CORE["amx"]
     elif dtype == "bf16" and hw.cpu_bf16:

@@ -51,7 +51,7 @@ def settings_table(cfg: Config, final: Config, sources: dict[str, str]) -> dict[
             continue
         before, after, source = getattr(cfg, f.name), getattr(final, f.name), sources[f.name]
         if before != after and (before is None or before == "auto" or f.name == "learning_rate"):
-            source = "plan" if f.name not in ("beta", "reward", "learning_rate") else f"{cfg.method} default"
+            source = "plan" if f.name not in ("beta", "rpo_alpha", "reward", "learning_rate") else f"{cfg.method} default"
         out[f.name] = {"value": after, "source": source}
     return out
 

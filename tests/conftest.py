@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from backends.mlx_blas import use_openblas
+
+use_openblas()  # in-process MLX tests (mlx-lm loads, parity checks) get OpenBLAS too: backends/mlx_blas.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -188,3 +188,35 @@ def test_chat_answers_once_and_keeps_history_interactively(backend, real_run, ru
                              text=True, timeout=600)
     assert session.returncode == 0, session.stderr[-1500:]
     assert session.stdout.count("[base model]") == 2 and "(history cleared)" in session.stdout
+
+
+def test_install_tools_downloads_the_sdist_once(monkeypatch, tmp_path):
+    """Converter and runtime come from one download; a second install finds both and downloads nothing."""
+    from finetune import llamacpp
+
+    monkeypatch.setenv("FINETUNE_TOOLS", str(tmp_path / "tools"))
+    downloads = []
+
+    def fake_sdist(work):
+        vendor = os.path.join(work, llamacpp.SDIST, "vendor", "llama.cpp")
+        os.makedirs(os.path.join(vendor, "gguf-py"))
+        for name in ("convert_hf_to_gguf.py", "LICENSE"):
+            open(os.path.join(vendor, name), "w").close()
+        downloads.append(work)
+        return os.path.join(work, llamacpp.SDIST)
+
+    def fake_pip(args, what, env=None):  # the wheel build and install, as files
+        if args[0] == "wheel":
+            os.makedirs(args[args.index("-w") + 1])
+            open(os.path.join(args[args.index("-w") + 1], "llama_cpp_python.whl"), "w").close()
+        elif args[0] == "install":
+            os.makedirs(os.path.join(args[args.index("--target") + 1], "llama_cpp"))
+
+    monkeypatch.setattr(llamacpp, "_sdist", fake_sdist)
+    monkeypatch.setattr(llamacpp, "_pip", fake_pip)
+    script, runtime = llamacpp.install()
+    assert len(downloads) == 1
+    assert os.path.isfile(script)
+    assert os.path.isdir(os.path.join(script.rsplit(os.sep, 1)[0], "gguf-py"))
+    assert os.path.isdir(os.path.join(runtime, "llama_cpp"))
+    assert llamacpp.install() == [script, runtime] and len(downloads) == 1

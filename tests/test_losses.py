@@ -29,6 +29,43 @@ def test_dpo_loss_torch_matches_reference():
     assert stats["pref_accuracy"] == pytest.approx(float((margin > 0).mean()))
 
 
+def _rpo_pairs():
+    """3 pairs whose chosen / rejected answers train 3/2, 5/4, 2/6 tokens, with random token log-probs."""
+    from finetune.methods import dpo
+
+    pairs, token_logps = [], []
+    for n_c, n_r in ((3, 2), (5, 4), (2, 6)):
+        c, r = (Encoded([0] * (n + 2), [IGNORE, IGNORE] + [1] * n) for n in (n_c, n_r))
+        pair = dpo.Pair(c, r, example=None, ref=list(RNG.normal(-10, 2, 2)))
+        pairs.append(pair)
+        token_logps += [RNG.normal(-2, 0.5, n_c), RNG.normal(-2, 0.5, n_r)]
+    return pairs, token_logps
+
+
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro):
+    """DPO + rpo_alpha x the chosen answers' mean token NLL over the step, however the step is split."""
+    from finetune.methods import dpo, micro_batches
+
+    pairs, token_logps = _rpo_pairs()
+    by_seq = {id(s): t for p, (tc, tr) in zip(pairs, zip(token_logps[0::2], token_logps[1::2]))
+              for s, t in ((p.chosen, tc), (p.rejected, tr))}
+    batch = dpo.make_batch(None, pairs, Config(beta=0.1, rpo_alpha=0.7), None)
+    total = 0.0
+    for chunk, extra in micro_batches(batch, micro):
+        tokens = np.concatenate([by_seq[id(s)] for s in chunk])
+        rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
+        f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        loss, _ = torch_losses.dpo(f64(tokens), torch.tensor(rows), len(chunk), f64(extra["ref"]), 0.1,
+                                   batch.denominator, f64(extra["nll"]))
+        total += float(loss)
+    ref_c, ref_r = [p.ref[0] for p in pairs], [p.ref[1] for p in pairs]
+    want = reference.rpo_step_loss(token_logps[0::2], token_logps[1::2], ref_c, ref_r, 0.1, 0.7)
+    assert total == pytest.approx(want, rel=1e-9)
+    plain = reference.rpo_step_loss(token_logps[0::2], token_logps[1::2], ref_c, ref_r, 0.1, 0.0)
+    assert want - plain == pytest.approx(0.7 * -np.concatenate(token_logps[0::2]).mean())  # the NLL term itself
+
+
 def test_dpo_loss_by_hand():
     # one pair, margin 2 nats, beta 0.5: -log sigmoid(1)
     assert reference.dpo_losses([-1.0], [-3.0], [0.0], [0.0], 0.5)[0] == pytest.approx(np.log1p(np.exp(-1.0)))
@@ -73,6 +110,13 @@ def test_mlx_losses_match_reference():
     loss, _ = mlx_losses.dpo(mx.array(seq.astype(np.float32)), mx.ones(8), mx.arange(8), 8,
                              mx.array(ref.astype(np.float32)), 0.1, 4.0)
     assert float(loss) == pytest.approx(reference.dpo_losses(pc, pr, rc, rr, 0.1).sum() / 4, rel=1e-5)
+    # RPO: the chosen answers' NLL weighted per sequence (alpha / chosen tokens; rejected 0), as torch_losses.dpo
+    nll = np.array([0.5, 0.0] * 4, np.float32)
+    with_nll, _ = mlx_losses.dpo(mx.array(seq.astype(np.float32)), mx.ones(8), mx.arange(8), 8,
+                                 mx.array(ref.astype(np.float32)), 0.1, 4.0, mx.array(nll))
+    torch_nll, _ = torch_losses.dpo(torch.tensor(seq), torch.arange(8), 8, torch.tensor(ref), 0.1, 4.0, torch.tensor(nll))
+    assert float(with_nll) == pytest.approx(float(torch_nll), rel=1e-5)
+    assert float(with_nll) - float(loss) == pytest.approx(-0.5 * pc.sum(), rel=1e-4)
     logps, old, refs = (RNG.normal(-2, 0.5, 6).astype(np.float32) for _ in range(3))
     rows, adv = np.array([0, 0, 1, 1, 1, 0]), np.array([0.8, -1.2], np.float32)
     weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # last slot is bucket padding

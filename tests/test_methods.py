@@ -49,6 +49,23 @@ def test_dpo_chained_after_sft(backend, sft_run, run_env, tmp_path):
     assert "| metric | starting adapter | after training |" in report and "pref_accuracy" in report
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_rpo_adds_the_chosen_nll_to_the_dpo_loss(backend, sft_run, run_env, tmp_path):
+    """At step 1 the policy is the reference, so plain DPO's loss is log 2 exactly; with RPO_ALPHA the chosen
+    answers' NLL (positive) comes on top, and the setting is recorded."""
+    losses = {}
+    for alpha in ("0", "1"):
+        out = tmp_path / f"rpo-{alpha}"
+        result = run_cli([], tiny(run_env, out, METHOD="dpo", ADAPTER=str(sft_run), MAX_STEPS="1", BATCH_SIZE="2",
+                                  GRAD_ACCUM="1", BACKEND=backend, RPO_ALPHA=alpha, LOGGING_STEPS="1"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        run = json.load(open(out / "run.json"))
+        assert run["config"]["rpo_alpha"] == float(alpha) and run["settings"]["rpo_alpha"]["source"] == "env"
+        losses[alpha] = next(m["loss"] for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m)
+    assert losses["0"] == pytest.approx(0.6931, abs=1e-3)
+    assert losses["1"] > losses["0"] + 0.1  # the tiny model's chosen answers cost nats per token
+
+
 REWARD_FILE = """
 def score(prompts, completions, answer, **kwargs):
     return [float(len(c[0]["content"]) < 20) for c in completions]

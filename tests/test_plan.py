@@ -384,6 +384,12 @@ def test_mlx_cpu_time_estimate_uses_its_slower_matmul():
     mlx_cpu = plan.make(Config(), hw, MODELS["0.5B"], "mlx", "mlx", ROWS, MEAN_TOKENS)
     torch_cpu = plan.make(Config(), hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
     assert mlx_cpu.est_tokens_per_s < torch_cpu.est_tokens_per_s / 10
+    # with the system OpenBLAS (backends/mlx_blas.py) mlx[cpu] gets the CPU's fp32 rate
+    fast = plan.make(Config(), dataclasses.replace(hw, mlx_openblas=True), MODELS["0.5B"], "mlx", "mlx", ROWS,
+                     MEAN_TOKENS)
+    assert fast.est_tokens_per_s > 10 * mlx_cpu.est_tokens_per_s
+    fp32_torch = plan.make(Config(dtype="fp32"), hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
+    assert fast.est_tokens_per_s <= 1.05 * fp32_torch.est_tokens_per_s
 
 
 def test_memory_is_planned_for_the_longest_row_not_max_seq_length():

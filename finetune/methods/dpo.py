@@ -24,6 +24,10 @@ from finetune.template import Encoded, encode
 NAME = "dpo"
 SAMPLE_DIR = DPO_DIR
 DEFAULT_BETA = 0.1
+# RPO_ALPHA unset: the chosen answers' NLL is added at weight 1 (RPO; TRL's rpo_alpha, whose default is off).
+# Measured (bench/methods.py, SFT 3 steps -> 20 x 16 pairs at 2e-5): plain DPO took held-out valid_format
+# 84% -> 69%, with it 84% -> 94%, for the same preference accuracy (96.9% -> 100%) and margin (0.20 / 0.21).
+DEFAULT_RPO_ALPHA = 1.0
 # LEARNING_RATE unset: 10x below SFT's. Measured (bench/methods.py, SmolLM2 after 3 SFT steps, 20 x 16 pairs):
 # 1e-4 pushed the reward margin to 3.2 but broke generation (valid_format 100% -> 25%); 2e-5 raises preference
 # accuracy (96.9% -> 100%) with a smaller cost (84% -> 69%).
@@ -50,7 +54,10 @@ class Pair:
 
 
 def defaults(cfg, prepared: Prepared) -> dict:
-    return {"beta": DEFAULT_BETA} if cfg.beta is None else {}
+    out = {"beta": DEFAULT_BETA} if cfg.beta is None else {}
+    if cfg.rpo_alpha is None:
+        out["rpo_alpha"] = DEFAULT_RPO_ALPHA
+    return out
 
 
 def _common_prefix(a: list, b: list) -> int:
@@ -141,8 +148,12 @@ def start(session, prepared: Prepared, cfg) -> None:
 
 
 def make_batch(session, items: list[Pair], cfg, rng) -> Batch:
+    # RPO weight per sequence: rpo_alpha / the step's chosen tokens for a chosen answer, 0 for a rejected one,
+    # so the NLL term is a mean over the whole step however it is split into micro-batches
+    per_token = (cfg.rpo_alpha or 0.0) / sum(p.chosen.n_trained for p in items)
     return Batch(NAME, [s for p in items for s in (p.chosen, p.rejected)], denominator=float(len(items)),
-                 per_sequence={"ref": [x for p in items for x in p.ref]}, group=2)
+                 per_sequence={"ref": [x for p in items for x in p.ref], "nll": [per_token, 0.0] * len(items)},
+                 group=2)
 
 
 def pair_metrics(session, pairs: list[Pair], beta: float) -> dict:

@@ -17,6 +17,16 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     return -log_sigmoid(beta * margin)
 
 
+def rpo_step_loss(chosen_token_logps: list, rejected_token_logps: list, ref_chosen, ref_rejected, beta: float,
+                  alpha: float) -> float:
+    """One step over n pairs given per-token log-probs: mean DPO loss over the pairs + alpha x the chosen answers'
+    NLL per token over the step (RPO; TRL's rpo_alpha). alpha = 0 is plain DPO."""
+    pc = [float(np.sum(t)) for t in chosen_token_logps]
+    pr = [float(np.sum(t)) for t in rejected_token_logps]
+    nll = -sum(pc) / sum(len(t) for t in chosen_token_logps)
+    return float(dpo_losses(pc, pr, ref_chosen, ref_rejected, beta).mean() + alpha * nll)
+
+
 def group_advantages(rewards, group: int, eps: float = 1e-4) -> np.ndarray:
     """(r - mean of its group) / (std of its group + eps); groups are consecutive runs of `group` completions.
     Standard deviation with Bessel's correction, as TRL computes it."""
