@@ -30,6 +30,9 @@ from finetune.tracking import Tracker
 # Settings a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save_total", "push_to_hub", "yes",
                      "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours"}
+# Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
+# resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
+ADDED_LATER = {"rpo_alpha": 0.0}
 
 
 def resolved(cfg: Config, plan: planner.Plan, method, prepared, sources: dict[str, str] | None = None) -> Config:
@@ -102,7 +105,7 @@ def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
         raise UserError(f"RESUME={run_dir}: that run already completed; start a new one (e.g. ADAPTER={run_dir})")
     if checkpoint.latest(run_dir) is None:
         raise UserError(f"RESUME={run_dir}: it has no whole checkpoint to continue from; start a new run")
-    recorded = record["config"]
+    recorded = record["config"] = {**ADDED_LATER, **record["config"]}  # and run.json says so from now on
     for name, source in sources.items():
         if source == "default" or name in RESUMABLE_CHANGES or name not in recorded:
             continue
