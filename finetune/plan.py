@@ -229,11 +229,9 @@ def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") 
         tier = next((t for word, t in APPLE_TIER if word in hw.chip), APPLE_TIER_BASE)
         return APPLE_PEAK * tier, EFFICIENCY_GPU, "table"
     eff = EFFICIENCY_CPU[(dtype if dtype in ("bf16", "fp32") else "fp32", attention)]
-    if device == "mlx" and not hw.mlx_openblas:  # mlx[cpu] with its bundled reference BLAS
+    if device == "mlx" and not (hw.mlx_openblas and dtype == "fp32"):
+        # mlx[cpu] on its bundled reference BLAS; 16-bit matmuls never reach a BLAS (4.6 GFLOP/s with OpenBLAS)
         per_core = CPU_PEAK_PER_CORE["mlx_cpu"]
-    elif device == "mlx":  # mlx[cpu] computes in fp32 (plan.pick_dtype); OpenBLAS (backends/mlx_blas.py)
-        per_core = CPU_PEAK_PER_CORE["fp32_avx512" if any(f.startswith("avx512") for f in hw.cpu_features)
-                                     else "fp32"]
     elif dtype == "bf16" and "amx_bf16" in hw.cpu_features:
         per_core = CPU_PEAK_PER_CORE["amx"]
     elif dtype == "bf16" and hw.cpu_bf16:

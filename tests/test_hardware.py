@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from finetune import hardware
-from finetune.hardware import CudaDevice, Hardware, detect, from_dict, parse_cpu_flags, parse_nvidia_smi, summary_lines
+from finetune.hardware import (CudaDevice, Hardware, detect, find_openblas, from_dict, parse_cpu_flags, parse_nvidia_smi,
+                               summary_lines)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,3 +194,21 @@ def test_cpu_peak_probe_feeds_the_time_estimate():
     fast, faster, busy = planned(5000.0), planned(10000.0), planned(1.0)
     assert faster.est_seconds < fast.est_seconds and any("(measured)" in r for r in fast.reasons)
     assert busy.est_seconds > fast.est_seconds and any("probe read 1 GFLOP/s, below it" in r for r in busy.reasons)
+
+
+def test_find_openblas_linux_only_and_from_known_paths(monkeypatch, tmp_path):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(hardware, "OPENBLAS_PATHS", (str(tmp_path / "missing.so"), str(lib)))
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Linux")
+    assert find_openblas() == str(lib)
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
+    assert find_openblas() is None  # Apple's MLX uses Metal / Accelerate
+
+
+def test_doctor_says_which_blas_mlx_cpu_uses():
+    mlx_cpu = dict(mlx_available=True, mlx_device="cpu")
+    assert "MLX: available (cpu, OpenBLAS)" in summary_lines(_hw(**mlx_cpu, mlx_openblas=True))
+    slow = "\n".join(summary_lines(_hw(**mlx_cpu, mlx_openblas=False)))
+    assert "reference BLAS" in slow and "apt-get install libopenblas0" in slow
+    assert "MLX: available (gpu)" in summary_lines(_hw(mlx_available=True, mlx_device="gpu"))

@@ -1,4 +1,5 @@
-"""mlx[cpu] gets the system OpenBLAS when there is one (backends/mlx_blas.py): found, reported, and bound."""
+"""mlx[cpu] is bound to the system OpenBLAS when backends/mlx_blas.py loads it first (finding it and reporting
+it: test_hardware.py)."""
 from __future__ import annotations
 
 import os
@@ -8,32 +9,9 @@ import sys
 import pytest
 
 from finetune import hardware
-from finetune.hardware import Hardware, find_openblas, summary_lines
+from finetune.hardware import find_openblas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _hw(**kw) -> Hardware:
-    base = dict(os="Linux", arch="x86_64", chip="AMD EPYC", ram_total_gb=24, ram_available_gb=22, swap_total_gb=0,
-                disk_free_gb=100, cpu_cores=2, mlx_available=True, mlx_device="cpu")
-    return Hardware(**{**base, **kw})
-
-
-def test_find_openblas_linux_only_and_from_known_paths(monkeypatch, tmp_path):
-    lib = tmp_path / "libopenblas.so.0"
-    lib.write_bytes(b"")
-    monkeypatch.setattr(hardware, "OPENBLAS_PATHS", (str(tmp_path / "missing.so"), str(lib)))
-    monkeypatch.setattr(hardware.platform, "system", lambda: "Linux")
-    assert find_openblas() == str(lib)
-    monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
-    assert find_openblas() is None  # Apple's MLX uses Metal / Accelerate
-
-
-def test_doctor_says_which_blas_mlx_cpu_uses():
-    assert "MLX: available (cpu, OpenBLAS)" in summary_lines(_hw(mlx_openblas=True))
-    slow = "\n".join(summary_lines(_hw(mlx_openblas=False)))
-    assert "reference BLAS" in slow and "apt-get install libopenblas0" in slow
-    assert "MLX: available (gpu)" in summary_lines(_hw(mlx_device="gpu"))
 
 
 def _bindings(preload: bool) -> str:

@@ -390,6 +390,9 @@ def test_mlx_cpu_time_estimate_uses_its_slower_matmul():
     assert fast.est_tokens_per_s > 10 * mlx_cpu.est_tokens_per_s
     fp32_torch = plan.make(Config(dtype="fp32"), hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
     assert fast.est_tokens_per_s <= 1.05 * fp32_torch.est_tokens_per_s
+    bf16 = plan.make(Config(dtype="bf16"), dataclasses.replace(hw, mlx_openblas=True), MODELS["0.5B"], "mlx", "mlx",
+                     ROWS, MEAN_TOKENS)
+    assert bf16.est_tokens_per_s < fast.est_tokens_per_s / 10  # 16-bit matmuls never reach the BLAS
 
 
 def test_memory_is_planned_for_the_longest_row_not_max_seq_length():
