@@ -293,10 +293,13 @@ class MLXSession:
             total += float(loss)
             tokens += sum(r.length for r in chunk)
         grads, norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+        stats = {**batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
+        if not (math.isfinite(total) and math.isfinite(stats["grad_norm"])):
+            return {**stats, "skipped": 1}  # never applied: the loop counts it and stops after several in a row
         self.optimizer.learning_rate = lr
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        return {**batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
+        return stats
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, num_return: int = 1) -> list[list[int]]:

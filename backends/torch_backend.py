@@ -8,7 +8,9 @@ What makes it fast, each measured on SmolLM2-135M on a 2-core CPU (profiles in R
   * on the CPU, bf16 matmuls through autocast with the frozen linear weights stored in bf16 (no cast per
     step; lossless for checkpoints shipped in bf16) while norms, embeddings, the residual stream and LoRA
     stay fp32; eager attention for short rows, where PyTorch's CPU flash kernel is slower;
-  * rows arrive already tokenized with their loss mask (finetune.template), grouped by length;
+  * rows arrive already tokenized with their loss mask (finetune.template); a step's micro-batches take its rows
+    longest first (less padding; the step's sum is the same). Steps are random draws: grouping rows by length
+    across steps (GROUP_BY_LENGTH) was faster but cost held-out loss on mixed data (bench/quality.py);
   * AdamW on the LoRA parameters only, fused kernels.
 The loss of each method is in backends/torch_losses.py; the loop, checkpoints and signals in finetune/loop.py.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import warnings
 import os
 import resource
@@ -155,6 +158,8 @@ class TorchSession:
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, plan)
+        # fp16's 5-bit exponent underflows small gradients: dynamic loss scaling, as the HF Trainer does.
+        self.scaler = torch.amp.GradScaler(self.device) if self.dtype == torch.float16 else None
         self.model.eval()
         self._mps_peak = 0.0
 
@@ -211,7 +216,8 @@ class TorchSession:
         self.model.train()
         stats: dict = {"tokens": 0}
         total = 0.0
-        for chunk, extra in micro_batches(batch, micro_batch):
+        overhead = self.plan.micro_overhead_tokens
+        for chunk, extra in micro_batches(batch, micro_batch, float("inf") if overhead is None else overhead):
             logps, rows = self.trained_logps(chunk)
             if batch.method == "sft":
                 loss = losses.sft(logps, batch.denominator)
@@ -229,15 +235,26 @@ class TorchSession:
                         ref = self.trained_logps(chunk)[0].detach()
                 loss, s = losses.grpo(logps, rows, adv, None, ref, self.cfg.beta, GRPO_EPSILON, batch.denominator)
                 _accumulate(stats, s, len(logps) / batch.denominator)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
             stats["tokens"] += sum(r.length for r in chunk)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        out = {**stats, **batch.stats, "loss": total, "grad_norm": norm}
+        finite = math.isfinite(total) and math.isfinite(norm)
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # the scaler itself skips a step whose gradients overflowed
+            self.scaler.update()              # ... and lowers its scale
+            if not finite and math.isfinite(total) and scale > 1:
+                out["scaler_adjust"] = 1      # a loss scale still being found: not counted toward stopping
+        elif finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {**stats, **batch.stats, "loss": total, "grad_norm": float(norm)}
+        return out if finite else {**out, "skipped": 1}
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, num_return: int = 1) -> list[list[int]]:
@@ -346,6 +363,8 @@ class TorchSession:
     def save_state(self, directory: str) -> None:
         torch = _torch()
         state = {"optimizer": self.optimizer.state_dict()}  # random state: reseeded per step by the loop
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
         path = os.path.join(directory, "optimizer.pt")
         torch.save(state, path)
         os.chmod(path, 0o644)
@@ -354,6 +373,8 @@ class TorchSession:
         torch = _torch()
         state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=str(self.device), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def reseed(self, seed: int) -> None:
         """The loop seeds every step from (SEED, step): dropout and GRPO sampling repeat exactly on resume."""

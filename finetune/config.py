@@ -51,6 +51,9 @@ class Config:
                                                          choices=("lora", "dora")))
     lora_dropout: float = field(default=0.0, metadata=_opt(
         "LoRA dropout (0 as in PEFT and mlx-lm: on a CPU its random masks cost a third of the step)", lo=0, hi=0.9))
+    group_by_length: bool = field(default=False, metadata=_opt(
+        "order rows so a step's rows have similar lengths (less padding, faster; off: every step a random draw, "
+        "which bench/quality.py found better on mixed-task data)"))
     seed: int = field(default=42, metadata=_opt("random seed (data split, init, sampling)", lo=0))
     gradient_checkpointing: str = field(default="auto", metadata=_opt(
         "recompute activations to save memory", choices=("auto", "on", "off")))
@@ -64,7 +67,8 @@ class Config:
     logging_steps: int = field(default=5, metadata=_opt("log train loss every N steps", lo=1))
     eval_steps: int | None = field(default=None, metadata=_opt("eval loss every N steps (auto: 5 times a run)", lo=1))
     lr_scheduler: str = field(default="constant", metadata=_opt(
-        "learning-rate decay after warmup", choices=("cosine", "linear", "constant")))
+        "learning-rate decay after warmup (wsd: constant, then linear over the last 20% of steps)",
+        choices=("cosine", "linear", "constant", "wsd")))
     warmup_ratio: float = field(default=0.05, metadata=_opt("share of steps spent warming up the LR", lo=0, hi=0.5))
     save_steps: int | None = field(default=None, metadata=_opt(
         "checkpoint every N steps (auto: every ~10 minutes or 10% of the run, whichever comes first)", lo=1))

@@ -133,6 +133,22 @@ def parse_nvidia_smi(text: str) -> list[CudaDevice]:
     return devices
 
 
+def visible_devices(devices: list[CudaDevice], visible: str | None) -> list[CudaDevice]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves to torch (nvidia-smi lists them all): unset = all; "" or "-1" = none;
+    "0,2" = those indices. UUIDs or names we cannot map are taken as all (torch resolves them itself)."""
+    if visible is None:
+        return devices
+    picked = []
+    for item in (x.strip() for x in visible.split(",")):
+        if not item.lstrip("-").isdigit():
+            return devices if item else picked
+        if int(item) < 0:
+            break  # CUDA stops at the first invalid index
+        if int(item) < len(devices):
+            picked.append(devices[int(item)])
+    return picked
+
+
 def _arch() -> str:
     arch = platform.machine()
     # Under Rosetta, Python reports x86_64 on an M-series Mac; the hardware is still arm64.
@@ -195,8 +211,9 @@ def detect() -> Hardware:
     features = parse_cpu_flags(_read("/proc/cpuinfo")) if os_name == "Linux" else []
     cuda = []
     if shutil.which("nvidia-smi"):
-        cuda = parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
-                                      "--format=csv,noheader,nounits"], timeout=1.5))
+        cuda = visible_devices(parse_nvidia_smi(_run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
+                                                      "--format=csv,noheader,nounits"], timeout=10)),
+                               os.environ.get("CUDA_VISIBLE_DEVICES"))
     # MPS needs Apple silicon, a torch build and macOS 12.3+.
     mps = os_name == "Darwin" and arch == "arm64" and _has_module("torch") and _mac_version() >= (12, 3)
     mlx_ok, mlx_device = _mlx(os_name, arch)

@@ -1,7 +1,7 @@
 """The training loop every backend and method shares, top to bottom:
 
     for each optimizer step:
-        rows   = the next rows of a seeded, length-grouped order        (DataOrder: resumable by position)
+        rows   = the next rows of a seeded shuffle                        (DataOrder: resumable by position)
         batch  = method.make_batch(rows)                                  (GRPO samples completions here)
         stats  = session.train_step(batch, micro_batch, lr(step))        (the backend's loss, grads, update)
         log / evaluate / checkpoint at their cadence; stop cleanly when a signal asked for it
@@ -24,7 +24,8 @@ import numpy as np
 from finetune import checkpoint
 from finetune.errors import UserError
 
-GROUP_STEPS = 8  # length grouping: rows are sorted by length inside windows of this many steps
+GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
+NONFINITE_LIMIT = 5  # steps in a row whose loss or gradient is inf/NaN (each skipped, never applied) before stopping
 
 
 @dataclass
@@ -38,6 +39,7 @@ class LoopState:
     train_seconds: float = 0.0     # time in steps (evaluation and checkpoints excluded)
     records: list[dict] = field(default_factory=list)   # metrics.jsonl so far
     oom_events: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0         # steps whose loss or gradient was not finite: counted, never applied
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +53,17 @@ class LoopState:
 class LoopResult:
     state: LoopState
     final_train_loss: float | None
+
+
+class NonFinite(UserError):
+    """NONFINITE_LIMIT steps in a row had an inf/NaN loss or gradient; none was applied, so the weights (saved with a
+    checkpoint at `step`) are the last good ones."""
+
+    def __init__(self, step: int, in_row: int, skipped: int):
+        self.step = step
+        super().__init__(f"{in_row} steps in a row (up to step {step}) had an inf/NaN loss or gradient and were skipped "
+                         f"({skipped} in all); stopped with the last good weights saved. Lower LEARNING_RATE, or use "
+                         "DTYPE=bf16 / fp32 where fp16 overflows")
 
 
 class Stopped(Exception):
@@ -96,20 +109,24 @@ class StopRequest:
 
 
 class DataOrder:
-    """A stream of item indices: epoch e is a permutation seeded by (seed, e); inside windows of GROUP_STEPS
-    steps, items are sorted longest first, so a step's rows have similar lengths (less padding) and the
-    longest step of a window comes first. Position n in the stream is the same on every run."""
+    """A stream of item indices: epoch e is a permutation seeded by (seed, e), so every step is a random draw
+    (inside a step, methods.micro_batches still puts similar lengths together). With `grouped`
+    (GROUP_BY_LENGTH), items are also sorted longest first inside windows of GROUP_STEPS steps: less padding,
+    but on data whose tasks differ in length a step (and the end of a run) becomes nearly one task, which
+    bench/quality.py measured as a far worse held-out loss. Position n in the stream is the same on every run."""
 
-    def __init__(self, lengths: list[int], per_step: int, seed: int):
-        self.lengths, self.per_step, self.seed = np.asarray(lengths), per_step, seed
+    def __init__(self, lengths: list[int], per_step: int, seed: int, grouped: bool = False):
+        self.lengths, self.per_step, self.seed, self.grouped = np.asarray(lengths), per_step, seed, grouped
         self._epochs: dict[int, np.ndarray] = {}
 
     def epoch(self, e: int) -> np.ndarray:
         if e not in self._epochs:
             perm = np.random.default_rng([self.seed, e]).permutation(len(self.lengths))
-            window = self.per_step * GROUP_STEPS
-            chunks = [perm[i:i + window] for i in range(0, len(perm), window)]
-            self._epochs[e] = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+            if self.grouped:
+                window = self.per_step * GROUP_STEPS
+                chunks = [perm[i:i + window] for i in range(0, len(perm), window)]
+                perm = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+            self._epochs[e] = perm
         return self._epochs[e]
 
     def take(self, position: int, count: int) -> list[int]:
@@ -119,13 +136,21 @@ class DataOrder:
         return out
 
 
+WSD_DECAY_SHARE = 0.2  # wsd: the last fifth of the steps decays linearly
+
+
 def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedule: str) -> float:
-    """LR for optimizer update number `update` (1-based): linear warmup, then constant / linear / cosine decay.
-    The decay ends one update past the last, so no update is made with a zero learning rate."""
+    """LR for optimizer update number `update` (1-based): linear warmup, then constant / linear / cosine decay, or
+    wsd (warmup-stable-decay: constant, then linear over the last WSD_DECAY_SHARE of the steps). A decay ends one
+    update past the last, so no update is made with a zero learning rate."""
     if warmup and update <= warmup:
         return peak * update / warmup
     if schedule == "constant":
         return peak
+    if schedule == "wsd":
+        decay = max(1, round(WSD_DECAY_SHARE * max_steps))
+        left = max_steps - update + 1  # updates still to make, this one included
+        return peak if left > decay else peak * left / (decay + 1)
     progress = (update - warmup - 1) / max(1, max_steps - warmup)
     if schedule == "linear":
         return peak * (1.0 - progress)
@@ -135,13 +160,13 @@ def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedul
 def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: LoopState, stop: StopRequest) -> LoopResult:
     items = prepared.train
     per_step = method.draws_per_step(plan.batch_size, plan.grad_accum, cfg)
-    order = DataOrder([x.length for x in items], per_step, cfg.seed)
+    order = DataOrder([x.length for x in items], per_step, cfg.seed, cfg.group_by_length)
     save_every = plan.save_steps
     warmup = int(cfg.warmup_ratio * plan.max_steps)
     if checkpoint.latest(run_dir) is None:
         checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
     window: list[float] = []
-    final_loss = None
+    final_loss, bad_in_row = None, 0
     while state.step < plan.max_steps:
         if stop.signum is not None:
             checkpoint.save(run_dir, session, state, cfg.save_total)
@@ -163,11 +188,21 @@ def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: Loo
         state.step += 1
         state.position += per_step
         state.tokens_seen += int(stats["tokens"])
-        window.append(stats["loss"])
-        final_loss = stats["loss"]
-        if state.step % cfg.logging_steps == 0 or state.step == plan.max_steps:
+        if stats.pop("skipped", 0):
+            state.skipped_steps += 1
+            bad_in_row = bad_in_row if stats.pop("scaler_adjust", 0) else bad_in_row + 1
+            print(f"step {state.step}: loss {stats['loss']:.4g}, gradient norm {stats['grad_norm']:.4g}: not finite, "
+                  "skipped (not applied)", flush=True)
+            if bad_in_row >= NONFINITE_LIMIT:
+                checkpoint.save(run_dir, session, state, cfg.save_total)
+                raise NonFinite(state.step, bad_in_row, state.skipped_steps)
+        else:
+            bad_in_row = 0
+            window.append(stats["loss"])
+            final_loss = stats["loss"]
+        if window and (state.step % cfg.logging_steps == 0 or state.step == plan.max_steps):
             record = {"step": state.step, "tokens": state.tokens_seen, "loss": sum(window) / len(window), "lr": lr,
-                      **{k: v for k, v in stats.items() if k not in ("loss", "tokens")}}
+                      **{k: v for k, v in stats.items() if k not in ("loss", "tokens") and _finite(v)}}
             state.records.append(record)
             progress({"event": "log", **record})
             window.clear()
@@ -182,6 +217,11 @@ def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: Loo
         if state.step % save_every == 0 or state.step == plan.max_steps:
             checkpoint.save(run_dir, session, state, cfg.save_total)
     return LoopResult(state, final_loss)
+
+
+def _finite(value) -> bool:
+    """Strict JSON (run.json, metrics.jsonl) has no NaN or Infinity."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _recover_from_oom(session, run_dir: str, state: LoopState, err: Exception) -> LoopState:

@@ -200,7 +200,9 @@ def report_text(run: dict, before: dict, after: dict) -> str:
         f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g}, lr {cfg['learning_rate']:g}",
         f"- time: {result['train_seconds']:.1f} s training, {result['tokens_per_s']:,.0f} tokens/s "
         f"(predicted {plan['est_seconds']:.0f} s)",
-        f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB", "",
+        f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB",
+        *([f"- **{result['skipped_steps']} step(s) skipped**: their loss or gradient was inf/NaN, so they were not "
+           "applied"] if result.get("skipped_steps") else []), "",
         "## Before / after (held-out rows)", "",
         "| metric | starting adapter | after training |" if run.get("chain") else "| metric | base model | with adapter |",
         "|---|---|---|",

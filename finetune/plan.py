@@ -70,9 +70,13 @@ CPU_PEAK_PER_CORE = {"amx": 0.45e12, "avx512_bf16": 0.2e12, "fp32_avx512": 0.095
 # bench/cpu_dtype.py (AVX-512-bf16, no AMX, 2 cores): LoRA training bf16/fp32 = 0.84x at 0.9M params,
 # 1.36x at 4.7M, 1.38x at 17M, 1.48x at 39M, 1.62x at 91M. Below this size fp32 is faster.
 CPU_BF16_MIN_PARAMS = 4_000_000
-# Per micro-batch overhead, seconds (CPU: bench/planner.py's batch-1 cells). GPU figures are the usual launch /
-# optimizer overhead of a small LoRA step (unmeasured: no GPU was available).
-STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.03, "mps": 0.05, "mlx": 0.05}
+# Per micro-batch overhead, seconds (CPU: bench/planner.py's batch-1 cells; MPS/MLX: unmeasured guesses).
+STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.0, "mps": 0.05, "mlx": 0.05}
+# CUDA: eager PyTorch dispatches every op of every layer from Python (LoRA adds ~3 per linear), so a small model's
+# step is launch-bound, by layer count rather than size. Measured on an H200 (bench/gpu_probe.sh, 2026-11-30):
+# 0.28 s per micro-batch of 16 for SmolLM2 (30 layers), 0.22 s for a 1.1B Llama shape (16 layers), with the
+# matmuls themselves ~0.02 s: ~0.01 s per layer and micro-batch.
+CUDA_LAYER_OVERHEAD_S = 0.01
 # The first step also pays for allocating (page-faulting) the activation memory and creating the matmul kernels:
 # on the CPU it costs ~2.5 ordinary steps (bench/planner.py: 5-step cells vs 30-step bench/speed.py runs).
 WARMUP_STEPS = {"cpu": 1.5}
@@ -80,10 +84,12 @@ WARMUP_STEPS = {"cpu": 1.5}
 # at batch 1 it made steps 1.65x slower, not the 1.25x of recomputing the forward (bench/planner.py).
 CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the
-# run itself measures (hardware.measure_cpu_peak, best trial): bf16 0.47 with eager attention on short rows, 0.37
-# with the flash kernel on long rows, fp32 0.55 (bench/planner.py, bench/speed.py). GPU: a guess to calibrate.
+# run itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
+# 2026-11-30, bench/quality.py's runs came within 1-15 %). bf16 was fitted under load at 0.47 eager / 0.37 flash:
+# on a quiet machine the default run then took 200 s for 279 s predicted, under load 279 s; x1.19 puts the
+# estimate between the two (+17 % quiet, -16 % busy). GPU: H200-measured matmul share, per-layer launch cost below.
 EFFICIENCY_GPU = 0.35
-EFFICIENCY_CPU = {("bf16", "eager"): 0.47, ("bf16", "sdpa"): 0.37, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
+EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
 DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
 # torch on the CPU: eager attention is faster than the CPU flash kernel for short rows (bench: +17% at ~90 tokens),
@@ -116,6 +122,9 @@ class Plan:
     sequences_per_item: int = 1   # DPO: chosen + rejected; GRPO: completions are the items
     attention: str = "sdpa"       # torch: "eager" for short rows on the CPU (faster there), else "sdpa"
     optimizer: str = "adamw"      # "paged_adamw_8bit" (bitsandbytes) on CUDA when memory is tight
+    micro_overhead_tokens: float | None = None  # fixed cost of a micro-batch in tokens of compute (None: never cut
+    #                                             a step into more micro-batches than batch size asks; see
+    #                                             methods.micro_batches)
 
     def to_dict(self) -> dict:
         # Rounded for run.json / printing; the planner compares the unrounded values.
@@ -370,13 +379,16 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     flops_per_token = 4 * model.num_params + 12 * model.num_layers * row_tokens * model.hidden_size
     compute_s = tokens * flops_per_token * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1) / (peak_flops * eff)
     # Fixed cost per micro-batch (batching, autograd bookkeeping, optimizer); dominates small models.
-    seconds = (compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps)
-               + max_steps * grad_accum * (STEP_OVERHEAD_S.get(device, 0.05)
-                                           + (CKPT_STEP_OVERHEAD_S.get(device, 0) if ckpt else 0)))
+    micro_overhead_s = (STEP_OVERHEAD_S.get(device, 0.05) + (CKPT_STEP_OVERHEAD_S.get(device, 0) if ckpt else 0)
+                        + (CUDA_LAYER_OVERHEAD_S * model.num_layers * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1)
+                           if device == "cuda" else 0))  # checkpointing launches the forward twice
+    seconds = compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps) + max_steps * grad_accum * micro_overhead_s
     if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
         per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
         seconds += max_steps * sampled_per_item * per_position
     tokens_per_s = tokens / seconds
+    # torch only: MLX compiles its step per shape, so more, differently shaped micro-batches would cost compiles
+    micro_overhead_tokens = micro_overhead_s * tokens / compute_s if backend != "mlx" and compute_s > 0 else None
     reasons.append(f"speed: assumes {peak_flops / 1e12:.2f} TFLOP/s peak ({peak_source}) x {eff:.0%} efficiency "
                    f"(rough table; run.json records the measured tokens/s)")
 
@@ -387,7 +399,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                 optimizer=optimizer,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
-                est_tokens_per_s=tokens_per_s, reasons=reasons)
+                est_tokens_per_s=tokens_per_s, micro_overhead_tokens=micro_overhead_tokens, reasons=reasons)
 
 
 def save_steps_default(max_steps: int, est_seconds: float) -> int:

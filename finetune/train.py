@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save
                      "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours"}
 # Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
 # resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
-ADDED_LATER = {"rpo_alpha": 0.0}
+ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True}
 
 
 def resolved(cfg: Config, plan: planner.Plan, method, prepared, sources: dict[str, str] | None = None) -> Config:
@@ -247,6 +247,12 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
         print(f"Interrupted at step {stopped.step}: the adapter so far is in {run_dir}.\n"
               f"Continue with: {runs.resume_command(run_dir)}")
         return stopped.exit_code
+    except loop.NonFinite as err:
+        state = _stopped_state(run_dir, None)  # the checkpoint the loop just saved: the last good weights
+        session.save_adapter(run_dir)
+        record["skipped_steps"] = state.skipped_steps
+        _finish_early(record, run_json, run_dir, state, "failed", str(err))
+        raise
     except KeyboardInterrupt:
         _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "interrupted", "stopped at once (second Ctrl-C)")
         print(f"Stopped at once. Continue from the last checkpoint with: {runs.resume_command(run_dir)}")
@@ -261,6 +267,7 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
                      "final_train_loss": result.final_train_loss, "peak_memory_gb": session.peak_memory_gb(),
                      "predicted_peak_gb": plan.predicted_peak_gb, "predicted_seconds": plan.est_seconds,
                      "total_seconds": time.perf_counter() - t0, "oom_events": state.oom_events,
+                     "skipped_steps": state.skipped_steps,
                      "extra": session.describe()}
     record.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=result_record,
                   step_reached=state.step, evaluation={"before": before.to_dict(), "after": after.to_dict()},

@@ -8,7 +8,7 @@ import pytest
 
 from finetune import hardware
 from finetune.hardware import (CudaDevice, Hardware, detect, find_openblas, from_dict, parse_cpu_flags, parse_nvidia_smi,
-                               summary_lines)
+                               summary_lines, visible_devices)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +126,22 @@ def test_detect_parses_nvidia_smi_output(monkeypatch):
         pytest.skip("chip detection also shells out off Linux")
     (h100,) = detect().cuda_devices
     assert h100.name == "NVIDIA H100 80GB HBM3" and h100.bf16
+
+
+def test_cuda_visible_devices_hides_what_nvidia_smi_lists(monkeypatch):
+    """nvidia-smi lists every GPU; torch sees only CUDA_VISIBLE_DEVICES' (an empty value hides them all: planning
+    for a GPU torch cannot see crashed the run)."""
+    gpus = [CudaDevice(f"GPU{i}", 80.0, "9.0", True) for i in range(3)]
+    assert visible_devices(gpus, None) == gpus
+    assert visible_devices(gpus, "") == [] and visible_devices(gpus, "-1") == []
+    assert [g.name for g in visible_devices(gpus, "2,0")] == ["GPU2", "GPU0"]
+    assert [g.name for g in visible_devices(gpus, "1,-1,2")] == ["GPU1"]   # CUDA stops at an invalid index
+    assert visible_devices(gpus, "GPU-5f3e") == gpus                       # UUIDs: torch maps them itself
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(hardware.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, stdout="NVIDIA H200, 143771, 9.0\n", stderr=""))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect().cuda_devices == []
 
 
 def test_summary_lines_describe_cuda_and_amx():

@@ -42,9 +42,10 @@ def _rpo_pairs():
     return pairs, token_logps
 
 
-@pytest.mark.parametrize("micro", [1, 2, 3])
-def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro):
-    """DPO + rpo_alpha x the chosen answers' mean token NLL over the step, however the step is split."""
+@pytest.mark.parametrize("micro,overhead", [(1, float("inf")), (2, float("inf")), (3, float("inf")), (3, 0.0), (2, 1.0)])
+def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhead):
+    """DPO + rpo_alpha x the chosen answers' mean token NLL over the step, however the step is split (also when the
+    pad-saving split cuts it by length)."""
     from finetune.methods import dpo, micro_batches
 
     pairs, token_logps = _rpo_pairs()
@@ -52,7 +53,7 @@ def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro):
               for s, t in ((p.chosen, tc), (p.rejected, tr))}
     batch = dpo.make_batch(None, pairs, Config(beta=0.1, rpo_alpha=0.7), None)
     total = 0.0
-    for chunk, extra in micro_batches(batch, micro):
+    for chunk, extra in micro_batches(batch, micro, overhead):
         tokens = np.concatenate([by_seq[id(s)] for s in chunk])
         rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
         f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

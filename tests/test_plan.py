@@ -313,7 +313,8 @@ def test_plan_is_a_dataclass_with_the_agreed_fields():
     assert names == ["backend", "device", "method", "batch_size", "grad_accum", "max_seq_length", "max_steps",
                      "eval_steps", "save_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
-                     "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer"]
+                     "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer",
+                     "micro_overhead_tokens"]
 
 
 # ---- MLX: unified memory on Apple silicon, 4-bit QLoRA with MLX's own quantization, fp32 on mlx[cpu]
@@ -414,3 +415,20 @@ def test_cpu_dtype_fp32_only_for_tiny_models():
     assert plan.pick_dtype(hw, "cpu", "bf16", num_params=900_000)[0] == "bf16"  # the user's word stands
     no_bf16 = linux(24, cores=2, features=["avx2"])
     assert plan.pick_dtype(no_bf16, "cpu", "auto", num_params=17_000_000)[0] == "fp32"
+
+
+def test_cuda_time_estimate_matches_what_an_h200_measured():
+    """bench/gpu_probe.sh on an H200 (bench/results/gpu_probe_h200.json): 16-bit LoRA, batch 16 of the sample
+    rows (mean 88, longest 101 tokens). SmolLM2-135M, 40 steps: 11.0 s; a 1.1B Llama shape (16 layers), 20 steps:
+    4.4 s. The step is launch-bound (per layer), which the old per-step constant put at 1.3 s and 0.95 s."""
+    h200 = linux(126, cores=16, gpus=[CudaDevice("NVIDIA H200", 140.4, "9.0", True)])
+    llama = lambda h, layers, inter, heads, kv, vocab: info_from_config("m", None, {  # noqa: E731
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": layers,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "tie_word_embeddings": True})
+    cfg = dict(batch_size=16, grad_accum=1, lora_r=16)
+    for model, steps, measured in ((llama(576, 30, 1536, 9, 3, 49152), 40, 11.0),
+                                   (llama(2048, 16, 8192, 32, 8, 49152), 20, 4.42)):
+        p = plan.make(Config(max_steps=steps, **cfg), h200, model, "torch", "cuda", 1000, 88.4, max_tokens=101)
+        assert p.device == "cuda" and p.dtype == "bf16"
+        assert 0.7 <= p.est_seconds / measured <= 1.3, (p.est_seconds, measured)

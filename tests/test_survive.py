@@ -118,7 +118,8 @@ def test_resume_refuses_changed_settings_and_finished_runs(run_env, tmp_path):
 
 
 def test_resuming_a_run_recorded_before_a_setting_existed_keeps_how_it_trained(run_env, tmp_path):
-    """A DPO run whose run.json predates RPO_ALPHA resumes as plain DPO (0), not the new default (1.0)."""
+    """A DPO run whose run.json predates RPO_ALPHA and GROUP_BY_LENGTH resumes as plain DPO (0), not the new default
+    (1.0), and keeps drawing its rows length-grouped, as it did."""
     out = tmp_path / "dpo"
     proc = start(tiny_env(run_env, out, METHOD="dpo", BATCH_SIZE="2", GRAD_ACCUM="1"))
     wait_for_checkpoint(out, 3, proc)
@@ -126,10 +127,12 @@ def test_resuming_a_run_recorded_before_a_setting_existed_keeps_how_it_trained(r
     proc.communicate()
     record = json.load(open(out / "run.json"))
     assert record["config"].pop("rpo_alpha") == 1.0
+    assert record["config"].pop("group_by_length") is False
     (out / "run.json").write_text(json.dumps(record))
     resumed = run_cli(["train", "--resume", str(out)], {**run_env, "RESUME": ""})
     assert resumed.returncode == 0, resumed.stderr[-1500:]
-    assert json.load(open(out / "run.json"))["config"]["rpo_alpha"] == 0.0
+    config = json.load(open(out / "run.json"))["config"]
+    assert config["rpo_alpha"] == 0.0 and config["group_by_length"] is True  # the order such a run was drawn in
 
 
 def test_injected_out_of_memory_halves_the_micro_batch_and_continues(run_env, tmp_path, monkeypatch, cache_dir):

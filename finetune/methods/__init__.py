@@ -75,12 +75,35 @@ class EvalResult:
         return asdict(self)
 
 
-def micro_batches(batch: Batch, size: int):
-    """(sequences, their per-sequence extras) in micro-batches of `size` items (a DPO item is its pair), longest
-    first so similar lengths share a micro-batch. Both backends split a step the same way."""
+def micro_batches(batch: Batch, size: int, overhead_tokens: float = float("inf")):
+    """(sequences, their per-sequence extras) in micro-batches of at most `size` items (a DPO item is its pair),
+    longest first. Where lengths differ, a step is cut into more micro-batches when that saves more padded
+    tokens than the fixed cost of a micro-batch (`overhead_tokens`, in tokens of compute): each micro-batch has at
+    most `size` items no longer than the fixed split's longest, so memory never exceeds the plan, and the step's
+    summed loss is the same however it is cut. Both backends split a step the same way."""
     group = batch.group
     n_items = len(batch.sequences) // group
-    order = sorted(range(n_items), key=lambda i: -max(batch.sequences[i * group + k].length for k in range(group)))
-    for start in range(0, n_items, size):
-        seqs = [i * group + k for i in order[start:start + size] for k in range(group)]
+    lengths = [max(batch.sequences[i * group + k].length for k in range(group)) for i in range(n_items)]
+    order = sorted(range(n_items), key=lambda i: -lengths[i])
+    for start, stop in split_points([lengths[i] for i in order], size, overhead_tokens):
+        seqs = [i * group + k for i in order[start:stop] for k in range(group)]
         yield [batch.sequences[s] for s in seqs], {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}
+
+
+def split_points(lengths: list[int], size: int, overhead_tokens: float) -> list[tuple[int, int]]:
+    """Cut items sorted longest first into runs of at most `size` minimising padded tokens (items x the run's
+    first length) + overhead_tokens per run: a small dynamic programme over the cut points."""
+    n = len(lengths)
+    if overhead_tokens == float("inf"):
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for stop in range(1, n + 1):
+        for start in range(max(0, stop - size), stop):
+            cost = best[start] + (stop - start) * lengths[start] + overhead_tokens
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    runs, stop = [], n
+    while stop:
+        runs.append((cut[stop], stop))
+        stop = cut[stop]
+    return runs[::-1]
