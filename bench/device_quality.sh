@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # bench/quality.py on the lent GPU machine's 16-core CPU (bf16-capable, unlike the AVX2-only dev VM), GPU hidden:
 # measures the bf16 CPU path (autocast + bf16 frozen linears) against fp32, the plain fp32 loop and TRL's
-# defaults on the real SmolLM2. Carry as for bench/gpu_probe.sh call 2 (after call 1 left part1 in /tmp).
+# defaults on the real SmolLM2. Carry as for bench/prove_cuda.sh call 2 (after call 1 left part1 in /tmp).
 # Env: QUALITY_ARGS (default: the grid at lr 1e-3 with the bf16 ablation), QUALITY_BUDGET (s, default 330).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source bench/gpu_probe.sh
+source bench/prove_cuda.sh
 export OUT="${OUT:-$PWD/outputs/device_quality}"
 mkdir -p "$OUT"
 {

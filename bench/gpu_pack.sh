@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds what bench/gpu_probe.sh and bench/device_quality.sh carry to an offline GPU machine (Python 3.12, its own
+# Builds what bench/prove_cuda.sh and bench/device_quality.sh carry to an offline GPU machine (Python 3.12, its own
 # CUDA torch), into the git-excluded .gpu/ (one transfer is capped at 64 MiB, so the stack travels xz-compressed and
 # the 93 MB offline-model GGUF in two parts, part 1 in an earlier call). Run from the repo root, with .venv set up:
 #   bash bench/gpu_pack.sh        (~2 min; downloads ~45 MB of wheels from PyPI)

@@ -73,7 +73,7 @@ CPU_BF16_MIN_PARAMS = 4_000_000
 # Per micro-batch overhead, seconds (CPU: bench/planner.py's batch-1 cells; MPS/MLX: unmeasured guesses).
 STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.0, "mps": 0.05, "mlx": 0.05}
 # CUDA: eager PyTorch dispatches every op of every layer from Python (LoRA adds ~3 per linear), so a small model's
-# step is launch-bound, by layer count rather than size. Measured on an H200 (bench/gpu_probe.sh, 2026-11-30):
+# step is launch-bound, by layer count rather than size. Measured on an H200 (bench/prove_cuda.sh, 2026-11-30):
 # 0.28 s per micro-batch of 16 for SmolLM2 (30 layers), 0.22 s for a 1.1B Llama shape (16 layers), with the
 # matmuls themselves ~0.02 s: ~0.01 s per layer and micro-batch.
 CUDA_LAYER_OVERHEAD_S = 0.01

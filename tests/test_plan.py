@@ -418,7 +418,7 @@ def test_cpu_dtype_fp32_only_for_tiny_models():
 
 
 def test_cuda_time_estimate_matches_what_an_h200_measured():
-    """bench/gpu_probe.sh on an H200 (bench/results/gpu_probe_h200.json): 16-bit LoRA, batch 16 of the sample
+    """bench/prove_cuda.sh on an H200 (bench/results/gpu_probe_h200.json): 16-bit LoRA, batch 16 of the sample
     rows (mean 88, longest 101 tokens). SmolLM2-135M, 40 steps: 11.0 s; a 1.1B Llama shape (16 layers), 20 steps:
     4.4 s. The step is launch-bound (per layer), which the old per-step constant put at 1.3 s and 0.95 s."""
     h200 = linux(126, cores=16, gpus=[CudaDevice("NVIDIA H200", 140.4, "9.0", True)])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU probe for the CUDA path (H200, offline, ~7 min). Run from the repo root:  bash bench/gpu_probe.sh
+# One-shot GPU probe for the CUDA path (H200, offline, ~7 min). Run from the repo root:  bash bench/prove_cuda.sh
 # Writes $OUT/summary.json, $OUT/runs_full.json, $OUT/log.txt and prints a markdown summary at the end.
-# The parts, their timeouts and the global deadline are in bench/gpu_probe.py (its docstring says what runs).
+# The parts, their timeouts and the global deadline are in bench/prove_cuda.py (its docstring says what runs).
 #
 # What must be carried (git-excluded via .git/info/exclude: /.whl/ and /.gpu/; each call's tree <= 64 MiB):
 #   .gpu/smollm2-tok            config + tokenizer of SmolLM2-135M-Instruct (3.5 MB): the random-init models'
@@ -17,7 +17,7 @@
 #   (~30 s), else /tmp is gone and the probe falls back to the random 135M shape (and says so).
 #   Call 1: carry [".gpu/smollm2.gguf.part1"]  command: cp .gpu/smollm2.gguf.part1 /tmp/ && <quick env probe>
 #   Call 2: carry [".gpu/site.tar.xz", ".gpu/smollm2-tok", ".gpu/smollm2.gguf.part2"]  (~58.5 MiB with the repo)
-#           command: bash bench/gpu_probe.sh          (run timeout_s 480; GPU_PROBE_BUDGET=420 by default)
+#           command: bash bench/prove_cuda.sh          (run timeout_s 480; GPU_PROBE_BUDGET=420 by default)
 #   Without the GGUF: carry [".whl", ".gpu/smollm2-tok"] (~35 MiB) or [".gpu/site.tar.xz", ".gpu/smollm2-tok"].
 # Env: OUT (result folder), PYTHON (default python3), GPU_PROBE_BUDGET (s, default 420, counted from the start of
 # this script), GPU_PROBE_CPU=1 (local dry mode: no install, CPU, 135M shape, 2 steps).
@@ -96,8 +96,8 @@ main() {
   timeout 20 "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|trl|datasets|accelerate|huggingface.hub|tokenizers|bitsandbytes|gguf|pyarrow|dill|multiprocess|fsspec|hf.xet|httpx|typer|click|safetensors) ' || true
   local left=$(( GPU_PROBE_T0 + GPU_PROBE_BUDGET - $(date +%s) ))
   (( left < 30 )) && left=30
-  PYTHONUNBUFFERED=1 timeout -k 10 $(( left + 15 )) "$PY" bench/gpu_probe.py
-  echo "gpu_probe.py exit $? after $(( $(date +%s) - GPU_PROBE_T0 ))s"
+  PYTHONUNBUFFERED=1 timeout -k 10 $(( left + 15 )) "$PY" bench/prove_cuda.py
+  echo "prove_cuda.py exit $? after $(( $(date +%s) - GPU_PROBE_T0 ))s"
 }
 
 [[ "${BASH_SOURCE[0]}" == "$0" ]] && main 2>&1 | tee "$OUT/log.txt"  # sourced by bench/device_quality.sh

@@ -1,4 +1,4 @@
-"""One-shot GPU probe: what breaks in the CUDA path, and real GPU numbers. Started by bench/gpu_probe.sh
+"""One-shot GPU probe: what breaks in the CUDA path, and real GPU numbers. Started by bench/prove_cuda.sh
 (which installs the carried wheels and reassembles the GGUF); see that file's header for how to run it.
 
 Every part runs in its own subprocess (own process group) under its own timeout, inside a global deadline;
@@ -9,7 +9,7 @@ $OUT/summary.json (rewritten after every part, so a kill still leaves what was d
 Models: random-init (NOT trained) bf16 models built from the SmolLM2-135M-Instruct config/tokenizer carried
 in .gpu/smollm2-tok: `smollm2-135m-shape` (same config) and `llama-1.1b-shape` (hidden 2048, 16 layers,
 MLP 8192, 32 heads / 8 kv heads, tied embeddings). Their losses mean nothing; memory and speed do. The real
-SmolLM2 runs only when the GGUF was reassembled (FINETUNE_OFFLINE_GGUF set by gpu_probe.sh).
+SmolLM2 runs only when the GGUF was reassembled (FINETUNE_OFFLINE_GGUF set by prove_cuda.sh).
 
 GPU_PROBE_CPU=1: a local dry mode that exercises this file's own logic on the CPU with the 135M shape, 2 steps.
 Internal sub-commands (run by the orchestrator itself): --env, --build, --variant trl|plain.
