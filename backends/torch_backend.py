@@ -216,8 +216,7 @@ class TorchSession:
         self.model.train()
         stats: dict = {"tokens": 0}
         total = 0.0
-        overhead = self.plan.micro_overhead_tokens
-        for chunk, extra in micro_batches(batch, micro_batch, float("inf") if overhead is None else overhead):
+        for chunk, extra in micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens):
             logps, rows = self.trained_logps(chunk)
             if batch.method == "sft":
                 loss = losses.sft(logps, batch.denominator)

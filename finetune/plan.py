@@ -87,7 +87,8 @@ CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # run itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
 # 2026-11-30, bench/quality.py's runs came within 1-15 %). bf16 was fitted under load at 0.47 eager / 0.37 flash:
 # on a quiet machine the default run then took 200 s for 279 s predicted, under load 279 s; x1.19 puts the
-# estimate between the two (+17 % quiet, -16 % busy). GPU: H200-measured matmul share, per-layer launch cost below.
+# estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35 is still a guess (the H200 runs were launch-bound,
+# not FLOP-bound: CUDA_LAYER_OVERHEAD_S above carries their time).
 EFFICIENCY_GPU = 0.35
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere

@@ -50,7 +50,7 @@ def test_a_step_is_cut_where_padding_costs_more_than_a_micro_batch():
     from finetune.methods import split_points
 
     mixed = [104, 90, 45, 40]
-    assert split_points(mixed, 4, float("inf")) == [(0, 4)]           # the batch size alone decides
+    assert split_points(mixed, 4, None) == [(0, 4)]           # the batch size alone decides
     assert split_points(mixed, 4, 30) == [(0, 2), (2, 4)]             # 416 padded tokens -> 298 + 2 x 30
     assert split_points(mixed, 4, 500) == [(0, 4)]                    # a GPU's launch cost: one micro-batch
     assert split_points([88] * 8, 4, 0) == [(0, 4), (4, 8)]           # equal lengths: never more than needed

@@ -42,7 +42,7 @@ def _rpo_pairs():
     return pairs, token_logps
 
 
-@pytest.mark.parametrize("micro,overhead", [(1, float("inf")), (2, float("inf")), (3, float("inf")), (3, 0.0), (2, 1.0)])
+@pytest.mark.parametrize("micro,overhead", [(1, None), (2, None), (3, None), (3, 0.0), (2, 1.0)])
 def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhead):
     """DPO + rpo_alpha x the chosen answers' mean token NLL over the step, however the step is split (also when the
     pad-saving split cuts it by length)."""

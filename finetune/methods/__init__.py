@@ -75,10 +75,11 @@ class EvalResult:
         return asdict(self)
 
 
-def micro_batches(batch: Batch, size: int, overhead_tokens: float = float("inf")):
+def micro_batches(batch: Batch, size: int, overhead_tokens: float | None = None):
     """(sequences, their per-sequence extras) in micro-batches of at most `size` items (a DPO item is its pair),
     longest first. Where lengths differ, a step is cut into more micro-batches when that saves more padded
-    tokens than the fixed cost of a micro-batch (`overhead_tokens`, in tokens of compute): each micro-batch has at
+    tokens than the fixed cost of a micro-batch (`overhead_tokens`, in tokens of compute; None: never cut
+    further than `size`, as on MLX): each micro-batch has at
     most `size` items no longer than the fixed split's longest, so memory never exceeds the plan, and the step's
     summed loss is the same however it is cut. Both backends split a step the same way."""
     group = batch.group
@@ -90,11 +91,11 @@ def micro_batches(batch: Batch, size: int, overhead_tokens: float = float("inf")
         yield [batch.sequences[s] for s in seqs], {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}
 
 
-def split_points(lengths: list[int], size: int, overhead_tokens: float) -> list[tuple[int, int]]:
+def split_points(lengths: list[int], size: int, overhead_tokens: float | None) -> list[tuple[int, int]]:
     """Cut items sorted longest first into runs of at most `size` minimising padded tokens (items x the run's
     first length) + overhead_tokens per run: a small dynamic programme over the cut points."""
     n = len(lengths)
-    if overhead_tokens == float("inf"):
+    if overhead_tokens is None:
         return [(i, min(i + size, n)) for i in range(0, n, size)]
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for stop in range(1, n + 1):
