@@ -10,7 +10,7 @@ if [[ "${UNSLOTH:-0}" == 1 ]]; then VENV="${VENV:-$ROOT/.venv-unsloth}"; else VE
 [[ "$VENV" = /* ]] || VENV="$ROOT/$VENV"
 
 # (Re)create the environment only when it is missing or what it was built from changed.
-stamp_now() { (cd "$ROOT" && cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1); }
+stamp_now() { (cd "$ROOT" && cat requirements.txt requirements-unsloth.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1); }
 if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.finetune-stamp" || "$(cat "$VENV/.finetune-stamp")" != "$(stamp_now)" ]]; then
   VENV="$VENV" "$ROOT/setup_environment.sh" >&2  # stdout stays the command's own (e.g. doctor --json)
 fi

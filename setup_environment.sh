@@ -3,12 +3,14 @@
 #   macOS arm64 (Apple Silicon)  -> torch (MPS) + mlx + mlx-lm
 #   Linux with an NVIDIA GPU     -> CUDA torch + bitsandbytes
 #   anything else                -> CPU torch (Linux x86_64: torch==2.13.0, the CPU build this
-#                                   project is tested with; a newer range would pull a multi-GB CUDA build)
+#                                   project is tested with; a newer range would pull a multi-GB CUDA build;
+#                                   + bitsandbytes, whose CPU NF4 kernels test the 4-bit path)
 #                                   + on Linux mlx[cpu] + mlx-lm (optional: BACKEND=mlx, and its tests)
 # Overrides: PYTHON=python3.12 (interpreter), VENV=.venv (location), TORCH_SPEC="torch==2.x" (torch pin).
-# UNSLOTH=1 (Linux + NVIDIA): also install Unsloth, into its own environment (.venv-unsloth by default): Unsloth
-#   pins transformers <= 5.17 and trl <= 1.15, below this project's pins, so there its pins win and the
-#   default .venv is never changed. `UNSLOTH=1 ./run.sh` uses that environment.
+# UNSLOTH=1 (Linux + NVIDIA): Unsloth, in its own environment (.venv-unsloth by default) from
+#   requirements-unsloth.txt and torch==2.14.1: Unsloth caps transformers/datasets/torch (and so huggingface_hub)
+#   below this project's pins, so that set is pinned apart and the default .venv is never changed.
+#   `UNSLOTH=1 ./run.sh` uses that environment.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 UNSLOTH="${UNSLOTH:-0}"
@@ -37,8 +39,11 @@ if [[ "$OS" == "Darwin" && "$ARCH" == "arm64" ]]; then
   PROFILE="apple-silicon"; TORCH="${TORCH_SPEC:-torch>=2.5}"; EXTRA=("mlx>=0.30" "mlx-lm>=0.30")
 elif [[ "$OS" == "Linux" && "$NVIDIA" == 1 ]]; then
   PROFILE="linux-cuda"; TORCH="${TORCH_SPEC:-torch>=2.5}"; EXTRA=("bitsandbytes>=0.45")
+  # Unsloth's set (requirements-unsloth.txt) holds bitsandbytes and needs torch < 2.15
+  if [[ "$UNSLOTH" == 1 ]]; then TORCH="${TORCH_SPEC:-torch==2.14.1}"; EXTRA=(); fi
 elif [[ "$OS" == "Linux" && "$ARCH" == "x86_64" ]]; then
-  PROFILE="linux-cpu"; TORCH="${TORCH_SPEC:-torch==2.13.0}"; EXTRA=()
+  # bitsandbytes >= 0.50 runs NF4 on the CPU: QUANTIZE=4bit (and its tests) exercise the QLoRA path here
+  PROFILE="linux-cpu"; TORCH="${TORCH_SPEC:-torch==2.13.0}"; EXTRA=("bitsandbytes==0.50.2")
 else
   PROFILE="cpu"; TORCH="${TORCH_SPEC:-torch}"; EXTRA=()
 fi
@@ -69,10 +74,8 @@ if (( ${#EXTRA[@]} )); then
   "${PIP[@]}" "${EXTRA[@]}" || die "installing ${EXTRA[*]} failed (see pip's message above)"
 fi
 if [[ "$UNSLOTH" == 1 ]]; then
-  # Unsloth's own transformers/trl/datasets pins win in this environment; everything else as requirements.txt.
-  step "installing unsloth (its own transformers/trl/datasets pins) + requirements.txt without those three"
-  grep -vE '^(transformers|trl|datasets)==' requirements.txt > "$VENV/requirements-unsloth.txt"
-  "${PIP[@]}" unsloth -r "$VENV/requirements-unsloth.txt" || die "installing unsloth failed (see pip's message above)"
+  step "installing requirements-unsloth.txt (unsloth and the versions it supports)"
+  "${PIP[@]}" -r requirements-unsloth.txt || die "installing requirements-unsloth.txt failed (see pip's message above)"
 else
   step "installing requirements.txt"
   "${PIP[@]}" -r requirements.txt || die "installing requirements.txt failed (see pip's message above)"
@@ -100,6 +103,13 @@ sys.exit(0 if find_openblas() else 1)' 2>/dev/null; then
   fi
 fi
 
+# nvidia-smi seeing a GPU does not mean torch can use it (PyPI's CUDA 13 wheels need driver >= 580): ask torch.
+if [[ "$PROFILE" == "linux-cuda" ]] && ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "setup_environment.sh: warning: torch cannot use the GPU: $("$VENV/bin/python" -c 'from finetune import hardware as h
+import torch; d = h._run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], 10).strip()
+print(h.cuda_mismatch(d.splitlines()[0] if d else None, torch.version.cuda))' 2>&1 | tail -1); training would run on the CPU" >&2
+fi
+
 # run.sh compares this stamp to decide whether setup must run again.
-cat requirements.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1 > "$VENV/.finetune-stamp"
+cat requirements.txt requirements-unsloth.txt setup_environment.sh pyproject.toml | cksum | cut -d' ' -f1 > "$VENV/.finetune-stamp"
 step "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -51,6 +51,8 @@ class Backend(Protocol):
     def load(self, cfg, plan, model: ModelInfo, tokenizer, adapter: str | None = None) -> Session: ...
     # Optional: `auto_skip(hw) -> str | None` -- usable when named (BACKEND=x) but not a good automatic
     # choice on this machine (MLX off Apple silicon), with the reason `doctor` prints.
+    # Optional: `before_transformers(hw) -> None` -- called before anything imports transformers, for a backend
+    # that patches it as it loads (Unsloth); only for the backend asked for, or every candidate of `auto`.
 
 
 def _registry() -> dict[str, str]:
@@ -70,6 +72,13 @@ def get(name: str) -> Backend:
         raise UserError(f"BACKEND={name!r} is not valid: choose one of auto, {', '.join(names())}")
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def before_transformers(requested: str, hw: Hardware) -> None:
+    for name in (names() if requested == "auto" else (requested,) if requested in names() else ()):
+        hook = getattr(get(name), "before_transformers", None)
+        if hook:
+            hook(hw)
 
 
 def select(requested: str, hw: Hardware, model: ModelInfo | None, method: str) -> tuple[Backend, list[str]]:

@@ -25,13 +25,12 @@ from finetune.hardware import GB
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
-SUPPORTED_METHODS = ("sft", "dpo", "grpo")
 FALLBACK = "use BACKEND=torch (PyTorch MPS)"
 PAD_TO = 32                      # pad widths to multiples of 32, as mlx-lm does: the compiled step sees few shapes
 TOKENS_TO = 64                   # gathered trained tokens are padded to a multiple of this, for the same reason
 QUANT_GROUP, QUANT_BITS = 64, 4  # mlx-lm's `convert -q` defaults (affine): layers whose width 64 does not divide stay 16-bit
 FAST_PATH_TYPES = {"llama", "qwen2", "qwen3", "mistral"}   # logits = lm_head(model.model(x)) exactly
-MAX_GRAD_NORM, GRPO_EPSILON = 1.0, 0.2
+MAX_GRAD_NORM = 1.0
 
 use_openblas()  # before anything imports mlx.core (mlx_model_type imports mlx_lm); see backends/mlx_blas.py
 
@@ -86,9 +85,7 @@ class MLXBackend:
         return (f"not the default off Apple silicon (MLX would run on the {hw.mlx_device or 'cpu'} here, "
                 "where PyTorch is faster); BACKEND=mlx uses it anyway")
 
-    def supports(self, model, method: str) -> str | None:
-        if method not in SUPPORTED_METHODS:
-            return f"method '{method}' is not implemented by the mlx backend"
+    def supports(self, model, method: str) -> str | None:  # every method: its loss is written over mlx_ops
         if mlx_model_type(model) is None:
             from importlib.metadata import version
 
@@ -238,62 +235,66 @@ class MLXSession:
         finally:
             layer_cls.__call__ = original
 
-    def _step_fn(self, method: str):
-        """value_and_grad of the method's loss, compiled with the model/optimizer/RNG state (as mlx-lm does)."""
-        if method in self._steps:
-            return self._steps[method]
+    def _step_fn(self, method_name: str, extra_keys: tuple):
+        """value_and_grad of the method's loss, compiled with the model/optimizer/RNG state (as mlx-lm does); one
+        per method and set of per-sequence inputs (their names are fixed at trace time)."""
+        key = (method_name, extra_keys)
+        if key in self._steps:
+            return self._steps[key]
         mx = _mx()
         import mlx.nn as nn
 
-        from backends import mlx_losses as losses
+        from backends import mlx_ops as ops
+        from finetune import methods
 
-        cfg = self.cfg
+        method, cfg = methods.get(method_name), self.cfg
 
-        def loss_fn(model, ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens):
+        def loss_fn(model, ids, b_idx, t_idx, targets, weights, denominator, extra, ref_tokens):
             logps = self._logps(model, ids, b_idx, t_idx, targets)
-            if method == "sft":
-                return losses.sft(logps, weights, denominator)
-            if method == "dpo":  # seq_extra rows: reference log-probs, RPO weights (methods/dpo.make_batch)
-                return losses.dpo(logps, weights, b_idx, ids.shape[0], seq_extra[0], cfg.beta, denominator,
-                                  seq_extra[1] if cfg.rpo_alpha else None)[0]
-            return losses.grpo(logps, weights, b_idx, seq_extra, None, ref_tokens, cfg.beta, GRPO_EPSILON, denominator)
+            return method.loss(ops, logps, weights, b_idx, ids.shape[0], dict(zip(extra_keys, extra)),
+                               ref_tokens, cfg, denominator)  # (loss, parts): the gradient is of the loss
 
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
         state = [self.model.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens):
-            return value_and_grad(self.model, ids, b_idx, t_idx, targets, weights, denominator, seq_extra, ref_tokens)
+        def step(ids, b_idx, t_idx, targets, weights, denominator, extra, ref_tokens):
+            return value_and_grad(self.model, ids, b_idx, t_idx, targets, weights, denominator, extra, ref_tokens)
 
-        self._steps[method] = step
+        self._steps[key] = step
         return step
 
     def train_step(self, batch, micro_batch: int, lr: float) -> dict:
+        """One optimizer step of the batch's method: its loss (finetune/methods) over backends/mlx_ops."""
         mx = _mx()
         import mlx.optimizers as optim
         from mlx.utils import tree_map
 
+        from finetune import methods
+
         self.model.train()
-        step = self._step_fn(batch.method)
-        grads, total, tokens = None, 0.0, 0
+        keys = tuple(sorted(batch.per_sequence))
+        step = self._step_fn(batch.method, keys)
+        needs_ref = methods.get(batch.method).needs_reference_tokens(self.cfg)
+        grads, total, tokens, stats = None, 0.0, 0, {}
         denominator = mx.array(batch.denominator, dtype=mx.float32)
         for chunk, extra in micro_batches(batch, micro_batch):
             ids, b_idx, t_idx, targets, weights, n = self._arrays(chunk)
-            seq_extra = mx.array(np.asarray([extra["ref"], extra["nll"]] if batch.method == "dpo"
-                                            else extra.get("advantage", [0.0]), np.float32))
-            ref_tokens = None
-            if batch.method == "grpo" and self.cfg.beta:
+            per_seq = [mx.array(np.asarray(extra[k], np.float32)) for k in keys]
+            ref_tokens = mx.zeros_like(weights)  # a fixed input of the compiled step, read only when needed
+            if needs_ref:
                 with self.adapter_disabled():
                     ref_tokens = mx.stop_gradient(self._logps(self.model, ids, b_idx, t_idx, targets))
             with self._checkpointing():
-                loss, g = step(ids, b_idx, t_idx, targets, weights, denominator, seq_extra,
-                               ref_tokens if ref_tokens is not None else mx.zeros_like(weights))
+                (loss, parts), g = step(ids, b_idx, t_idx, targets, weights, denominator, per_seq, ref_tokens)
                 grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                mx.eval(loss, grads)
+                mx.eval(loss, parts, grads)
             total += float(loss)
+            for k, v in parts.items():  # sums over the micro-batch / the step: they add up
+                stats[k] = stats.get(k, 0.0) + float(v)
             tokens += sum(r.length for r in chunk)
         grads, norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
-        stats = {**batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
+        stats = {**stats, **batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
         if not (math.isfinite(total) and math.isfinite(stats["grad_norm"])):
             return {**stats, "skipped": 1}  # never applied: the loop counts it and stops after several in a row
         self.optimizer.learning_rate = lr
@@ -349,10 +350,7 @@ class MLXSession:
         mlx_dir = os.path.join(directory, "mlx")
         os.makedirs(mlx_dir, exist_ok=True)
         weights = os.path.join(mlx_dir, interop.MLX_WEIGHTS)
-        tmp = os.path.join(mlx_dir, ".adapters.tmp.safetensors")
-        mx.save_safetensors(tmp, dict(tree_flatten(self.model.trainable_parameters())))
-        os.chmod(tmp, fsio.FILE_MODE)
-        os.replace(tmp, weights)
+        fsio.write_with(weights, lambda tmp: mx.save_safetensors(tmp, dict(tree_flatten(self.model.trainable_parameters()))))
         base = self.info.ref
         # fine_tune_type, num_layers and lora_parameters are what mlx_lm's load_adapters reads
         fsio.write_json(os.path.join(mlx_dir, interop.CONFIG), {

@@ -12,7 +12,8 @@ What makes it fast, each measured on SmolLM2-135M on a 2-core CPU (profiles in R
     longest first (less padding; the step's sum is the same). Steps are random draws: grouping rows by length
     across steps (GROUP_BY_LENGTH) was faster but cost held-out loss on mixed data (bench/quality.py);
   * AdamW on the LoRA parameters only, fused kernels.
-The loss of each method is in backends/torch_losses.py; the loop, checkpoints and signals in finetune/loop.py.
+Each method's loss is in its module (finetune/methods/), written over backends/torch_ops.py; the loop, checkpoints
+and signals are in finetune/loop.py.
 """
 from __future__ import annotations
 
@@ -26,17 +27,17 @@ import sys
 
 import numpy as np
 
+from finetune import fsio
+from finetune.hardware import GB
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
-SUPPORTED_METHODS = ("sft", "dpo", "grpo")
 # Causal LMs whose logits are exactly lm_head(decoder(x)) (plus Gemma's soft-capping, applied below): the
 # trained-positions-only fast path is exact for them. Others use the model's own forward.
 FAST_PATH_TYPES = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2"}
 MAX_GRAD_NORM = 1.0
 # transformers' own deprecation notices, raised from inside its code, not the user's
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-GRPO_EPSILON = 0.2
 
 
 def _torch():
@@ -52,7 +53,7 @@ class TorchBackend:
         return None if "torch" in hw.packages else "PyTorch is not installed (run ./setup_environment.sh)"
 
     def supports(self, model, method: str) -> str | None:
-        return None if method in SUPPORTED_METHODS else f"method '{method}' is not implemented by the torch backend"
+        return None  # every method: its loss is written over torch_ops
 
     def device(self, hw) -> str:
         return "cuda" if hw.cuda_devices else "mps" if hw.mps_available else "cpu"
@@ -65,9 +66,15 @@ BACKEND = TorchBackend()
 
 
 def process_peak_gb() -> float:
-    """Peak resident memory of this process (the CPU path's measured peak; includes Python + torch)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)  # bytes on macOS, KiB on Linux
+    """Peak resident memory of this process (the CPU path's measured peak; includes Python + torch). On Linux the
+    kernel's VmHWM: ru_maxrss survives exec, so a run started from a large parent (a test runner, a notebook)
+    would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) * 1024 / GB
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak * (1 if sys.platform == "darwin" else 1024) / GB  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 def compute_dtype(plan):
@@ -82,12 +89,15 @@ def model_load_kwargs(plan) -> dict:
     dtype = compute_dtype(plan)
     kwargs = {"dtype": torch.float32 if plan.device == "cpu" else dtype,
               "attn_implementation": getattr(plan, "attention", "sdpa")}
+    if plan.device == "cuda" or plan.quantize == "4bit":
+        # Straight onto the device, shard by shard: a 16-bit model never passes through host RAM whole on CUDA,
+        # and bitsandbytes places the quantized weights itself (on the CPU too, when 4-bit is asked for there).
+        kwargs["device_map"] = {"": 0 if plan.device == "cuda" else plan.device}
     if plan.quantize == "4bit":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}  # bitsandbytes places the quantized weights itself
     return kwargs
 
 
@@ -121,7 +131,8 @@ def build_peft_model(cfg, plan, model, adapter: str | None):
         peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     else:
         peft_model = get_peft_model(base, LoraConfig(**lora_kwargs(cfg)))
-    if plan.device == "cpu" and compute_dtype(plan) == torch.bfloat16 and cfg.lora_type == "lora":
+    if plan.device == "cpu" and compute_dtype(plan) == torch.bfloat16 and cfg.lora_type == "lora" \
+            and plan.quantize != "4bit":  # (4-bit layers are nn.Linear subclasses whose weight must stay packed)
         cast_frozen_linears(peft_model, torch.bfloat16)
     if plan.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,11 +150,29 @@ def make_optimizer(params, cfg, plan):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, **optimizer_kwargs(plan))
 
 
+def repage_optimizer_state(optimizer) -> int:
+    """bitsandbytes' load_state_dict brings a paged optimizer's state back as ordinary device tensors, so a resumed
+    run would hold in VRAM what the planner chose to page. Re-allocate each parameter-sized state tensor through the
+    optimizer's own paged buffer and copy it in; returns how many were moved."""
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    moved = 0
+    for param, values in optimizer.state.items():
+        for key, value in list(values.items()):
+            if getattr(value, "shape", None) == param.shape and not getattr(value, "is_paged", False):
+                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+                buffer.copy_(value)
+                values[key] = buffer
+                moved += 1
+    return moved
+
+
 class TorchSession:
     """A loaded model for training, evaluation and generation. `builder` makes the PEFT model (the Unsloth
-    backend passes its own); everything after that is this one path."""
+    backend passes its own); everything after that is this one path. `modes`: (to training, to inference) callables
+    for a builder whose model must be switched around generation (Unsloth), else None."""
 
-    def __init__(self, cfg, plan, model, tokenizer, adapter: str | None = None, builder=build_peft_model):
+    def __init__(self, cfg, plan, model, tokenizer, adapter: str | None = None, builder=build_peft_model, modes=None):
         torch = _torch()
         self.cfg, self.plan, self.info, self.tokenizer = cfg, plan, model, tokenizer
         self.device, self.dtype = plan.device, compute_dtype(plan)
@@ -152,6 +181,7 @@ class TorchSession:
             torch.set_num_threads(os.cpu_count() or 1)
         torch.manual_seed(cfg.seed)
         self.model = builder(cfg, plan, model, adapter)
+        self.modes, self.generating = modes, False
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
         self.fast = model.model_type in FAST_PATH_TYPES
@@ -162,11 +192,16 @@ class TorchSession:
         self.scaler = torch.amp.GradScaler(self.device) if self.dtype == torch.float16 else None
         self.model.eval()
         self._mps_peak = 0.0
+        if self.device == "cuda":  # the peak of training, from here: loading's transients are not the run's
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
 
     # ---------------------------------------------------------------- the forward pass that matters
     def _autocast(self):
         torch = _torch()
-        on = self.dtype != torch.float32 and self.plan.quantize != "4bit"
+        # On for 4-bit too (as the HF Trainer does): prepare_model_for_kbit_training leaves embeddings, norms and
+        # lm_head in fp32, and without autocast every activation, attention score and logit would be fp32.
+        on = self.dtype != torch.float32
         return torch.autocast(self.device if self.device != "mps" else "mps", dtype=self.dtype, enabled=on)
 
     def _tensors(self, rows):
@@ -184,12 +219,12 @@ class TorchSession:
         where = target != IGNORE
         with self._autocast():
             if self.fast:
-                hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 logits = self.base.get_output_embeddings()(hidden[:, :-1][where]).float()
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
             else:
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1][where].float()
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][where].float()
         logps = -torch.nn.functional.cross_entropy(logits, target[where], reduction="none")
         rows_idx = torch.arange(len(rows), device=logps.device).unsqueeze(1).expand_as(target)[where]
         return logps, rows_idx
@@ -210,30 +245,28 @@ class TorchSession:
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch, micro_batch: int, lr: float) -> dict:
-        from backends import torch_losses as losses
+        """One optimizer step of the batch's method: its loss (finetune/methods) over this backend's ops."""
+        from backends import torch_ops as ops
+        from finetune import methods
 
         torch = _torch()
+        if self.modes and self.generating:
+            self.modes[0](self.model)
+            self.generating = False
         self.model.train()
         stats: dict = {"tokens": 0}
         total = 0.0
+        method = methods.get(batch.method)
         for chunk, extra in micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens):
             logps, rows = self.trained_logps(chunk)
-            if batch.method == "sft":
-                loss = losses.sft(logps, batch.denominator)
-            elif batch.method == "dpo":
-                ref = torch.tensor(extra["ref"], dtype=logps.dtype, device=logps.device)
-                nll = (torch.tensor(extra["nll"], dtype=logps.dtype, device=logps.device)
-                       if self.cfg.rpo_alpha else None)
-                loss, s = losses.dpo(logps, rows, len(chunk), ref, self.cfg.beta, batch.denominator, nll)
-                _accumulate(stats, s, len(chunk) / 2 / batch.denominator)
-            else:
-                adv = torch.tensor(extra["advantage"], dtype=logps.dtype, device=logps.device)
-                ref = None
-                if self.cfg.beta:
-                    with torch.no_grad(), self.model.disable_adapter():
-                        ref = self.trained_logps(chunk)[0].detach()
-                loss, s = losses.grpo(logps, rows, adv, None, ref, self.cfg.beta, GRPO_EPSILON, batch.denominator)
-                _accumulate(stats, s, len(logps) / batch.denominator)
+            extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
+            ref = None
+            if method.needs_reference_tokens(self.cfg):
+                with torch.no_grad(), self.model.disable_adapter():
+                    ref = self.trained_logps(chunk)[0].detach()
+            loss, parts = method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
+            for k, v in parts.items():  # each part is a sum over the micro-batch / the step: they add up
+                stats[k] = stats.get(k, 0.0) + float(v)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
             stats["tokens"] += sum(r.length for r in chunk)
@@ -256,11 +289,17 @@ class TorchSession:
         return out if finite else {**out, "skipped": 1}
 
     # ---------------------------------------------------------------- generation
+    def _to_inference(self) -> None:
+        self.model.eval()
+        if self.modes and not self.generating:
+            self.modes[1](self.model)
+            self.generating = True  # the next train_step switches back (with the planned checkpointing)
+
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, num_return: int = 1) -> list[list[int]]:
         """Completions (token ids, up to and including EOS) for each prompt; `num_return` per prompt, in order.
         Greedy when temperature is 0. Prompts are left-padded into batches of the plan's size."""
         torch = _torch()
-        self.model.eval()
+        self._to_inference()
         eos = self.tokenizer.eos_token_id
         size = max(1, self.plan.batch_size * max(1, self.plan.grad_accum) // num_return)
         sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
@@ -325,7 +364,7 @@ class TorchSession:
             finally:
                 tokens.put(None)
 
-        self.model.eval()
+        self._to_inference()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         try:
@@ -345,10 +384,14 @@ class TorchSession:
         os.makedirs(directory, exist_ok=True)
         files = []
         with tempfile.TemporaryDirectory(dir=directory, prefix=".adapter-") as tmp:
-            self.model.save_pretrained(tmp)
+            try:
+                self.model.save_pretrained(tmp)
+            except OSError:
+                raise
+            except Exception as err:  # safetensors / torch report a full disk as RuntimeError
+                raise fsio.WriteError(directory, err) from None
             for name in ("adapter_model.safetensors", "adapter_config.json"):
-                os.chmod(os.path.join(tmp, name), 0o644)
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                fsio.move_into(os.path.join(tmp, name), os.path.join(directory, name))
                 files.append(os.path.join(directory, name))
         return files
 
@@ -364,14 +407,13 @@ class TorchSession:
         state = {"optimizer": self.optimizer.state_dict()}  # random state: reseeded per step by the loop
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
-        path = os.path.join(directory, "optimizer.pt")
-        torch.save(state, path)
-        os.chmod(path, 0o644)
+        fsio.write_with(os.path.join(directory, "optimizer.pt"), lambda tmp: torch.save(state, tmp))
 
     def load_state(self, directory: str) -> None:
         torch = _torch()
         state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=str(self.device), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        repage_optimizer_state(self.optimizer)
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -383,15 +425,19 @@ class TorchSession:
     def describe(self) -> dict:
         """What run.json records about this session beside the loop's numbers."""
         source = {"cuda": "torch.cuda.max_memory_allocated()", "mps": "torch.mps.driver_allocated_memory()"}
-        return {"trainable_params": sum(p.numel() for p in self.params), "logits": "trained positions only" if self.fast
-                else "full (model forward)", "peak_memory_source": source.get(self.device, "process peak RSS")}
+        out = {"trainable_params": sum(p.numel() for p in self.params), "logits": "trained positions only" if self.fast
+               else "full (model forward)", "peak_memory_source": source.get(self.device, "process peak RSS"),
+               "attention": self.base.config._attn_implementation}
+        if self.device == "cuda":  # what the caching allocator held at most: what nvidia-smi shows
+            out["peak_reserved_gb"] = round(_torch().cuda.max_memory_reserved() / GB, 3)
+        return out
 
     def peak_memory_gb(self) -> float:
         torch = _torch()
         if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 1024 ** 3
+            return torch.cuda.max_memory_allocated() / GB
         if self.device == "mps":
-            self._mps_peak = max(self._mps_peak, torch.mps.driver_allocated_memory() / 1024 ** 3)
+            self._mps_peak = max(self._mps_peak, torch.mps.driver_allocated_memory() / GB)
             return self._mps_peak
         return process_peak_gb()
 
@@ -419,8 +465,3 @@ def cast_frozen_linears(model, dtype) -> None:
         base = getattr(module, "base_layer", None)
         if isinstance(base, torch.nn.Linear):
             base.to(dtype)
-
-
-def _accumulate(stats: dict, values: dict, weight: float) -> None:
-    for k, v in values.items():
-        stats[k] = stats.get(k, 0.0) + v * weight

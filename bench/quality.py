@@ -10,7 +10,8 @@ linear layers for every torch variant; seed 42.
   plain-fp32     ~30 lines: PEFT model in fp32, no autocast, AdamW constant lr, a seeded shuffle each epoch,
                  the model's own loss (mean over the batch's trained tokens, our assistant-only labels)
   finetune       `python -m finetune train` with only steps/batch/lr/rank/alpha/max length set: our defaults
-  finetune+K=V   the same with setting K=V (an ablation, e.g. finetune+DTYPE=fp32, finetune+GROUP_BY_LENGTH=true)
+  finetune+K=V   the same with setting K=V (an ablation, e.g. finetune+DTYPE=fp32, finetune+GROUP_BY_LENGTH=true);
+                 a dotted K sets a module constant instead (finetune+loop.WSD_DECAY_SHARE=0.1)
   mlx_lm.lora    mlx-lm's trainer as `mlx_lm.lora --train --iters N --batch-size B --learning-rate LR` runs it: its
                  defaults for the rest (rank 8, scale 20, last 16 layers, Adam, constant lr, prompt not masked)
   finetune-mlx   `finetune train` with BACKEND=mlx
@@ -166,10 +167,17 @@ def run_finetune(a, info, tok) -> dict:
            "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(SEED), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
            "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
+    patches = []  # module.CONSTANT=value: an ablation of a constant that is not a setting (e.g. loop.WSD_DECAY_SHARE)
     for setting in a.variant.split("+")[1:]:
         key, _, value = setting.partition("=")
-        env[key] = value
-    done = subprocess.run([sys.executable, "-m", "finetune", "train"], env=env, capture_output=True, text=True, cwd=ROOT)
+        if "." in key:
+            module, _, name = key.rpartition(".")
+            patches.append(f"import finetune.{module} as m; m.{name} = {float(value)!r}")
+        else:
+            env[key] = value
+    cmd = ["-c", "; ".join(patches + ["from finetune.cli import main", "raise SystemExit(main(['train']))"])] if patches else [
+        "-m", "finetune", "train"]
+    done = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
     run = json.load(open(os.path.join(out, "run.json")))
@@ -293,7 +301,7 @@ def main() -> None:
         print(table(done))
         return
     variants = (a.variants or ",".join(TORCH_VARIANTS if a.backend == "torch" else MLX_VARIANTS)).split(",")
-    untrained = {}
+    untrained = {r["workload"]: r["untrained"] for r in done if r.get("untrained") is not None}  # scored once
     for name in a.workloads.split(","):
         workloads.write(name, DATA_ROOT)
         steps, batch, max_len = workloads.SPECS[name]

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 
 from finetune import interop, runs
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 
 @dataclass
@@ -33,7 +33,7 @@ def _read_config(path: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, ValueError) as err:
-        raise UserError(f"ADAPTER: {path} cannot be read ({str(err).splitlines()[0][:100]})") from None
+        raise UserError(f"ADAPTER: {path} cannot be read ({first_line(err, 100)})") from None
     if not isinstance(config, dict):
         raise UserError(f"ADAPTER: {path} is not an adapter configuration (expected a JSON object)")
     return config

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from finetune.data import Example
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.shapes import Problem
 from finetune.template import IGNORE, chat_text, encode
 
@@ -70,7 +70,7 @@ def measure(report, tokenizer, max_len: int, model: str = "MODEL") -> None:
         try:
             enc = encode(ex, tokenizer, FULL)
         except Exception as err:  # UserError from the mask, or the template's own raise_exception()
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            message = first_line(err, 10 ** 6)
             report.problems.append(Problem(ex.where, message.removeprefix(f"{ex.where}: ") if isinstance(err, UserError)
                                            else f"the model's chat template fails on this row ({message})"))
             continue
@@ -131,7 +131,7 @@ def plan_steps(report, cfg, model) -> None:
         plan = planner.make(replace(cfg, method="sft"), hw, model, backend.name, backend.device(hw), rows,
                             report.stats["mean_tokens_kept"])
     except Exception as err:  # no fit, or a broken backend plugin: the data report still stands
-        report.stats["plan"] = f"no plan: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        report.stats["plan"] = f"no plan: {first_line(err, 10 ** 6)}"
         return
     per_step = plan.batch_size * plan.grad_accum
     report.stats.update(train_rows=rows, batch_size=plan.batch_size, grad_accum=plan.grad_accum,

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.shapes import (FORMS, ROLES, Problem, has_assistant, kind, map_flags, messages,  # noqa: F401 (re-exports)
                              parse_column_map, rename, suggest_map, text)
 
@@ -180,7 +180,7 @@ def _parquet(path: str) -> Iterator[tuple[str, Any, str | None]]:
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises many types for corrupt files
-        yield path, None, f"not a readable Parquet file ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})"
+        yield path, None, f"not a readable Parquet file ({first_line(err)})"
         return
     for i, row in enumerate(table.to_pylist()):
         yield f"{path}: row {i + 1}", row, None
@@ -193,7 +193,7 @@ def _hub_rows(name: str) -> Iterator[tuple[str, Any, str | None]]:
 
         ds = datasets.load_dataset(name, split="train")
     except Exception as err:  # network, missing dataset, offline cache miss: all end the same way for the user
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        reason = first_line(err, 200)
         raise UserError(f"DATASET={name}: not a local path and could not be loaded from the Hugging Face Hub "
                         f"({reason}); pass a local .jsonl/.json/.csv/.parquet file") from None
     for i, row in enumerate(ds):

@@ -108,8 +108,7 @@ def gguf(run_dir: str, quant: str, out: str | None = None) -> list[str]:
             f16 = os.path.join(tmp_dir, "f16.gguf")
             llamacpp.convert(merged, "f16", f16)
             llamacpp.quantize(f16, os.path.join(tmp_dir, name), q)
-        os.chmod(os.path.join(tmp_dir, name), fsio.FILE_MODE)
-        os.replace(os.path.join(tmp_dir, name), target)
+        fsio.move_into(os.path.join(tmp_dir, name), target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     modelfile = os.path.join(out, f"Modelfile.{q}")

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from typing import Callable
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 FILE_MODE = 0o644  # outputs are plain user files, whatever umask-free temp files would get
 
@@ -37,9 +37,10 @@ def describe_os_error(err: OSError) -> str:
 class WriteError(UserError):
     """A write that failed for a reason outside the program (disk full, permissions)."""
 
-    def __init__(self, path: str, err: OSError):
+    def __init__(self, path: str, err: BaseException):
         self.path, self.os_error = path, err
-        super().__init__(f"could not write {path}: {describe_os_error(err)}")
+        reason = describe_os_error(err) if isinstance(err, OSError) else first_line(err)
+        super().__init__(f"could not write {path}: {reason}")
 
 
 def write_bytes(path: str, data: bytes, mode: int = FILE_MODE) -> None:
@@ -59,6 +60,33 @@ def write_bytes(path: str, data: bytes, mode: int = FILE_MODE) -> None:
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_with(path: str, save: Callable[[str], None]) -> None:
+    """Write `path` with a library's own save function (torch.save, safetensors, mx.save_safetensors), given a temp
+    name beside it, then rename it into place. Those raise RuntimeError or their own errors, not OSError, when the
+    disk fills: any error from `save` becomes a WriteError naming `path`, and the temp file is removed."""
+    base = os.path.basename(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{base}.tmp{os.path.splitext(base)[1]}")
+    try:
+        save(tmp)  # the suffix is kept: mx.save_safetensors appends one otherwise
+        move_into(tmp, path)
+    except UserError:
+        raise
+    except Exception as err:
+        raise WriteError(path, err) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def move_into(tmp: str, path: str) -> None:
+    """A finished temp file (same filesystem) becomes `path` at once, with a user file's mode."""
+    try:
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteError(path, err) from None
 
 
 def write_text(path: str, text: str) -> None:

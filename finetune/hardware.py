@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import psutil
 
@@ -147,6 +147,39 @@ def visible_devices(devices: list[CudaDevice], visible: str | None) -> list[Cuda
         if int(item) < len(devices):
             picked.append(devices[int(item)])
     return picked
+
+
+# The oldest NVIDIA driver each CUDA major's runtime needs (minor-version compatibility); PyPI's Linux torch wheels are
+# CUDA 13 builds, so a driver below 580 sees the GPU in nvidia-smi while torch.cuda.is_available() is False.
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+EXPECT_CUDA = "FINETUNE_EXPECT_CUDA"  # set by an HF Job priced for a GPU: no usable GPU there is an error, not the CPU
+
+
+def cuda_mismatch(driver: str | None, build: str | None) -> str:
+    """Why torch cannot use a GPU that nvidia-smi lists: the wheel vs the driver, in words."""
+    if build is None:
+        return "the installed torch is a CPU build (rerun ./setup_environment.sh on this machine for a CUDA build)"
+    major = int(build.split(".")[0])
+    need = MIN_DRIVER.get(major)
+    have = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+    if need and have is not None and have < need:
+        return (f"NVIDIA driver {driver} is older than torch's CUDA {build} build needs (>= {need}): update the "
+                f"driver, or install a torch built for an older CUDA (TORCH_SPEC, see README)")
+    return f"torch (CUDA {build}) finds no usable GPU with NVIDIA driver {driver or 'unknown'}"
+
+
+def confirm_cuda(hw: Hardware) -> tuple[Hardware, str | None]:
+    """nvidia-smi alone cannot say torch will use the GPU: ask torch (imports it; train only, never doctor).
+    Returns the hardware torch can really use and, when it differs, one line saying why."""
+    if not hw.cuda_devices or "torch" not in hw.packages:
+        return hw, None
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return hw, None
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], timeout=10).strip()
+    why = cuda_mismatch(driver.splitlines()[0] if driver else None, torch.version.cuda)
+    return replace(hw, cuda_devices=[]), f"nvidia-smi lists {hw.cuda_devices[0].name} but {why}"
 
 
 def _arch() -> str:

@@ -14,6 +14,9 @@ import tempfile
 from finetune import export, outputs
 from finetune.errors import UserError
 
+# Set by the Jobs launcher in the job's environment: the push names it in its commit message, so `jobs pull`
+# downloads the commit that job made, not whatever `main` holds by then.
+SUBMISSION = "FINETUNE_SUBMISSION"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 WHAT = ("adapter", "merged", "gguf")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -147,8 +150,10 @@ def push_run(run_dir: str, repo: str, what: str = "adapter", private: bool = Fal
     api = HfApi(token=secret)
     try:
         url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        mark = os.environ.get(SUBMISSION)
         api.upload_folder(folder_path=stage, repo_id=repo, repo_type="model",
-                          commit_message=f"finetune: {what} of {record['run_name']}")
+                          commit_message=f"finetune: {what} of {record['run_name']}",
+                          commit_description=f"{SUBMISSION}={mark}" if mark else None)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- every client/network error becomes one line

@@ -25,7 +25,7 @@ import struct
 
 import numpy as np
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -84,16 +84,8 @@ def _write(out_dir: str, weights_name: str, tensors: dict[str, np.ndarray], conf
         os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {out_dir} cannot be created: {fsio.describe_os_error(err)}") from None
-    tmp = os.path.join(out_dir, f".{weights_name}.tmp")
-    try:  # weights first, under a temp name: a config never points at half-written weights
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, fsio.FILE_MODE)
-        os.replace(tmp, files[0])
-    except OSError as err:
-        raise fsio.WriteError(files[0], err) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # weights first: a config never points at half-written weights
+    fsio.write_with(files[0], lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp))
     fsio.write_text(files[1], json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files
 
@@ -107,7 +99,7 @@ def _read_dir(adapter_dir: str, weights_name: str, kind: str) -> tuple[dict, dic
         with open(paths[0], encoding="utf-8") as fh:
             config = json.load(fh)
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{paths[0]} is not valid JSON ({str(err).splitlines()[0][:80]}); fix or re-create it") from None
+        raise UserError(f"{paths[0]} is not valid JSON ({first_line(err, 80)}); fix or re-create it") from None
     if not isinstance(config, dict):
         raise UserError(f"{paths[0]} is not an adapter configuration (expected a JSON object)")
     return config, read_safetensors(paths[1])

@@ -40,8 +40,9 @@ def _namespace(api) -> str:
     return _call("checking the token", api.whoami)["name"]
 
 
-def _price(flavor: str | None) -> float:
-    return next((f[4] for f in remote.FALLBACK if f[0] == flavor), 0.0)
+def _price(flavor: str | None, api) -> float:
+    """USD/hour from the live hardware list (the fallback table lacks newer flavors); 0 when not listed."""
+    return next((f.usd_per_hour for f in remote.flavors(api)[0] if f.name == flavor), 0.0)
 
 
 def _elapsed(job) -> float:
@@ -88,7 +89,8 @@ def status(args) -> int:
     elapsed = _elapsed(job)
     lines = list(_call(f"logs of {args.job}", api.fetch_job_logs, job_id=args.job, namespace=ns, tail=200))
     print(f"job {job.id}: {job.status.stage}{' (' + job.status.message + ')' if job.status.message else ''}")
-    print(f"  flavor {job.flavor}, elapsed {hms(elapsed)}, cost so far ~${elapsed / 3600 * _price(job.flavor):.2f}")
+    price = _price(job.flavor, api)
+    print(f"  flavor {job.flavor} (${price:.2f}/h), elapsed {hms(elapsed)}, cost so far ~${elapsed / 3600 * price:.2f}")
     print(f"  progress: {last_progress(lines) or 'no training step logged yet'}")
     result = (job.labels or {}).get("finetune-result", "").replace("--", "/")
     if result:
@@ -116,39 +118,65 @@ def cancel(args) -> int:
     return 0
 
 
+def _job_commit(api, repo: str, submission: str) -> str | None:
+    """The commit the job pushed (its message names the submission), or None when it pushed nothing."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:  # the job's push creates the repo: none yet means nothing was pushed
+        commits = api.list_repo_commits(repo)
+    except RepositoryNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001
+        raise hub.hub_error(err, f"reading the history of {repo}") from None
+    mark = f"{hub.SUBMISSION}={submission}"
+    return next((c.commit_id for c in commits if mark in f"{c.title}\n{c.message}"), None)
+
+
 def pull(args) -> int:
-    """Download the job's pushed run into a local run directory that chat, export and convert accept."""
+    """Download what the job pushed (its own commit) into a local run directory that chat, export and convert
+    accept. A cancelled or failed job: whatever it pushed before it stopped, marked partial, and exit 2."""
     from huggingface_hub import snapshot_download
 
     api = _api()
     ns = _namespace(api)
     job = _call(f"job {args.job}", api.inspect_job, job_id=args.job, namespace=ns)
-    stage = job.status.stage
-    if stage != "COMPLETED":
-        tail = list(_call(f"logs of {args.job}", api.fetch_job_logs, job_id=args.job, namespace=ns, tail=5)) \
-            if stage == "ERROR" else []
-        hint = f"; last lines: {' | '.join(tail)}" if tail else "; wait for it (./run.sh jobs status " + args.job + ")"
-        if _timed_out(job):
-            hint = f" ({TIMEOUT_HINT})"
-        raise UserError(f"job {args.job} is {stage}, nothing to pull{hint}")
-    labels = job.labels or {}
+    stage, labels = job.status.stage, job.labels or {}
+    if stage not in TERMINAL:
+        raise UserError(f"job {args.job} is {stage}, nothing to pull yet; wait for it "
+                        f"(./run.sh jobs status {args.job})")
     repo = labels.get("finetune-result", "").replace("--", "/")
     if not repo:
         raise UserError(f"job {args.job} was not started by finetune (no result repo label)")
+    # Jobs submitted before the submission label existed can only be pulled from main.
+    revision = _job_commit(api, repo, labels["finetune-submission"]) if "finetune-submission" in labels else "main"
+    stopped = stage != "COMPLETED"
+    if revision is None or (stopped and revision == "main"):
+        hint = ""
+        if stopped:
+            tail = list(_call(f"logs of {args.job}", api.fetch_job_logs, job_id=args.job, namespace=ns, tail=5)) \
+                if stage == "ERROR" else []
+            hint = f" ({TIMEOUT_HINT})" if _timed_out(job) else f"; last lines: {' | '.join(tail)}" if tail else ""
+        raise UserError(f"job {args.job} is {stage}, nothing to pull: it pushed nothing to {repo}{hint}")
     out = args.out or os.path.join("outputs", labels.get("finetune-run", args.job))
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"{out} already exists; choose another --out (runs are never overwritten)")
 
     def build(tmp: str) -> None:
-        _call(f"downloading {repo}", snapshot_download, repo, local_dir=tmp, token=hub.token())
+        _call(f"downloading {repo}", snapshot_download, repo, revision=revision, local_dir=tmp, token=hub.token())
         record = runs.read_record(tmp)
-        if record is None or not os.path.isfile(os.path.join(tmp, "adapter_model.safetensors")):
-            raise UserError(f"{repo} holds no finished run (run.json + adapter); the job may have failed before pushing")
-        record.update(run_dir=os.path.abspath(out), pulled={"job": job.id, "repo": repo, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        fsio.write_json(os.path.join(tmp, "run.json"), record)
+        if not stopped and (record is None or not os.path.isfile(os.path.join(tmp, "adapter_model.safetensors"))):
+            raise UserError(f"{repo} holds no finished run (run.json + adapter) at the job's commit {revision[:12]}")
+        if record is not None:
+            record.update(run_dir=os.path.abspath(out), pulled={
+                "job": job.id, "repo": repo, "revision": revision, "stage": stage, "partial": stopped,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            fsio.write_json(os.path.join(tmp, "run.json"), record)
 
     fsio.build_dir(out, build)
-    print(f"pulled {repo} into {out}: ./run.sh chat {out}")
+    if stopped:
+        raise UserError(f"job {args.job} is {stage}: pulled only what it pushed before it stopped (partial) into {out}")
+    where = f"the job's commit {revision[:12]}" if revision != "main" else "main (an older job: no commit recorded)"
+    print(f"pulled {repo} at {where} into {out}: ./run.sh chat {out}")
     return 0
 
 

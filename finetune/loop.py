@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from finetune import checkpoint
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
 NONFINITE_LIMIT = 5  # steps in a row whose loss or gradient is inf/NaN (each skipped, never applied) before stopping
@@ -228,10 +228,10 @@ def _recover_from_oom(session, run_dir: str, state: LoopState, err: Exception) -
     """Halve the micro-batch, double accumulation (the same rows per optimizer step), and continue from the
     last whole checkpoint, so the optimizer never sees a half-applied step."""
     if state.micro_batch <= 1:
-        raise UserError(f"out of memory at micro-batch 1 ({_first_line(err)}); lower MAX_SEQ_LENGTH, use a smaller "
+        raise UserError(f"out of memory at micro-batch 1 ({first_line(err)}); lower MAX_SEQ_LENGTH, use a smaller "
                         "MODEL or QUANTIZE=4bit where available") from None
     micro, accum = state.micro_batch // 2, state.grad_accum * 2
-    event = {"at_step": state.step + 1, "error": _first_line(err), "micro_batch": [state.micro_batch, micro],
+    event = {"at_step": state.step + 1, "error": first_line(err), "micro_batch": [state.micro_batch, micro],
              "grad_accum": [state.grad_accum, accum]}
     session.release_memory()
     found = checkpoint.latest(run_dir)
@@ -243,6 +243,3 @@ def _recover_from_oom(session, run_dir: str, state: LoopState, err: Exception) -
           flush=True)
     return restored
 
-
-def _first_line(err: Exception) -> str:
-    return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 
 @dataclass
@@ -136,7 +136,7 @@ def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
     except UserError:
         raise
     except Exception as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err)
         if user_named_it:
             raise UserError(f"MODEL={name}: could not be loaded from a local folder, the Hugging Face cache or the Hub "
                             f"({reason}); check the name, your network, or pass a local model directory") from None
@@ -154,7 +154,20 @@ def fetch_weights(info: ModelInfo) -> None:
     try:
         info.path = _download(info.name, METADATA_FILES + WEIGHT_FILES)
     except Exception as err:
-        raise UserError(f"MODEL={info.name}: weights could not be downloaded ({str(err).splitlines()[0][:160]})") from None
+        raise UserError(f"MODEL={info.name}: weights could not be downloaded ({first_line(err)})") from None
+
+
+def supports_sdpa(architecture: str) -> bool:
+    """Whether transformers' class for this architecture accepts attn_implementation="sdpa": Gemma-2 (soft-capping)
+    and GPT-OSS (attention sinks) refuse it and raise. A class transformers does not know (remote code) is
+    assumed to: its own loading then decides."""
+    import transformers
+
+    try:
+        cls = getattr(transformers, architecture, None)
+    except Exception:  # a lazily imported class whose module cannot load here
+        cls = None
+    return bool(getattr(cls, "_supports_sdpa", True))
 
 
 def load_tokenizer(info: ModelInfo):

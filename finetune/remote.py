@@ -5,13 +5,16 @@ The planner is pure over a Hardware value, so a Jobs flavor is just another Hard
 that plans for this machine plans for each flavor (VRAM, bf16 support, speed class), and the estimate times
 the flavor's price is the cost. A submitted job downloads the local checkout's own files (uploaded with the
 data to a private dataset repo, pinned by commit), runs `./run.sh train` there with the settings you set, and
-pushes the run directory to a private model repo that `jobs pull` downloads. HF_TOKEN goes to the job only as
-a secret: never in its command, its environment, run.json, logs or the uploaded files.
+pushes the run directory to a private model repo named from code + data + settings; `jobs pull` downloads the
+commit that job made. HF_TOKEN goes to the job only as a secret: never in its command, its environment,
+run.json, logs or the uploaded files.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import secrets
 import shlex
 import sys
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from finetune.progress import hms
 IMAGE = "ghcr.io/astral-sh/uv:python3.12-bookworm"   # what `hf jobs uv run` uses: Python 3.12, pip, bash
 SETUP_SECONDS = 15 * 60      # image pull + venv + CUDA torch download + model download, before step 1
 TIMEOUT_MARGIN = 1.5         # the job's timeout = (setup + estimate) x this
-CODE_FILES = ("run.sh", "setup_environment.sh", "requirements.txt", "pyproject.toml", "README.md")
+CODE_FILES = ("run.sh", "setup_environment.sh", "requirements.txt", "requirements-unsloth.txt", "pyproject.toml",
+              "README.md")
 CODE_DIRS = ("finetune", "backends")
 # Single-GPU flavors (the toolkit trains on one GPU) with prices from the Jobs docs, 2026-11: used when the
 # hardware endpoint cannot be reached. (name, GPU, VRAM GB, compute capability, USD/hour)
@@ -32,7 +36,25 @@ FALLBACK = (("t4-small", "T4", 16, "7.5", 0.40), ("t4-medium", "T4", 16, "7.5", 
             ("l4x1", "L4", 24, "8.9", 0.80), ("a10g-small", "A10G", 24, "8.6", 1.00),
             ("a10g-large", "A10G", 24, "8.6", 1.50), ("l40sx1", "L40S", 48, "8.9", 1.80),
             ("a100-large", "A100", 80, "8.0", 2.50), ("h200", "H200", 141, "9.0", 5.00))
-CAPABILITY = {"T4": "7.5", "L4": "8.9", "A10G": "8.6", "L40S": "8.9", "A100": "8.0", "H100": "9.0", "H200": "9.0"}
+# Compute capability by GPU model (NVIDIA's CUDA GPU list), matched on the live entry's name with spaces and
+# case ignored, longest key first ("L40S" before "L4", "A100" before "A10"): the live list gains GPUs before
+# the fallback table does. A name matching none is planned as UNKNOWN_CAPABILITY: no bf16, so never a dtype the
+# GPU might lack, and the table says so.
+CAPABILITY = {"T4": "7.5", "V100": "7.0", "A10G": "8.6", "A10": "8.6", "A40": "8.6", "A6000": "8.6", "A30": "8.0",
+              "A100": "8.0", "A800": "8.0", "L4": "8.9", "L40": "8.9", "L40S": "8.9", "RTX6000ADA": "8.9",
+              "4090": "8.9", "H100": "9.0", "H800": "9.0", "H200": "9.0", "GH200": "9.0", "B100": "10.0",
+              "B200": "10.0", "GB200": "10.0", "B300": "10.3", "RTXPRO6000": "12.0", "5090": "12.0"}
+UNKNOWN_CAPABILITY = "7.0"
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", str(name).upper()).removeprefix("NVIDIA")
+
+
+def capability(gpu: str) -> str | None:
+    """The compute capability of a GPU model name as the Jobs API writes it, or None when unknown."""
+    name = _squash(gpu)
+    return next((CAPABILITY[k] for k in sorted(CAPABILITY, key=len, reverse=True) if _squash(k) in name), None)
 
 
 @dataclass
@@ -43,6 +65,7 @@ class Flavor:
     capability: str
     usd_per_hour: float
     ram_gb: float = 46.0
+    known: bool = True   # False: the GPU name is not in CAPABILITY (planned as UNKNOWN_CAPABILITY)
 
     def hardware(self) -> hardware.Hardware:
         cc = float(self.capability)
@@ -73,11 +96,12 @@ def flavors(api=None) -> tuple[list[Flavor], str]:
     out = []
     for h in live:
         acc = h.accelerator
-        if acc is None or str(getattr(acc, "quantity", "1")) not in ("1", "1.0"):
+        if acc is None or _gb(getattr(acc, "quantity", 1)) != 1:  # CPU-only, or several GPUs: it trains on one
             continue
         per_hour = h.unit_cost_usd * {"minute": 60, "hour": 1, "second": 3600}.get(h.unit_label, 60)
-        gpu = str(acc.model)
-        out.append(Flavor(h.name, gpu, _gb(acc.vram), CAPABILITY.get(gpu, "8.0"), per_hour, _gb(h.ram) or 46.0))
+        gpu, cc = str(acc.model), capability(acc.model)
+        out.append(Flavor(h.name, gpu, _gb(acc.vram), cc or UNKNOWN_CAPABILITY, per_hour, _gb(h.ram) or 46.0,
+                          known=cc is not None))
     return (out or [Flavor(*f) for f in FALLBACK]), "live prices (Jobs hardware endpoint)"
 
 
@@ -126,19 +150,30 @@ def pick(quotes: list[Quote], requested: str, max_hours: float) -> Quote:
 
 
 def format_quotes(quotes: list[Quote], chosen: Quote | None, source: str) -> str:
-    lines = [f"HF Jobs flavors ({source}; time includes ~{SETUP_SECONDS // 60} min of setup):",
-             f"  {'flavor':<12} {'GPU':<6} {'VRAM':>6} {'$/h':>6}  {'plan':<28} {'time':>8} {'cost':>8}"]
+    rows = []  # (mark, flavor, GPU, VRAM, $/h, plan, time, cost): widths come from the content (long GPU names)
     for q in quotes:
-        mark = "*" if chosen and q is chosen else " "
-        if q.plan is None:
-            lines.append(f"{mark} {q.flavor.name:<12} {q.flavor.gpu:<6} {q.flavor.vram_gb:>5.0f}G "
-                         f"{q.flavor.usd_per_hour:>6.2f}  does not fit: {q.why_not[:60]}")
+        f, p = q.flavor, q.plan
+        head = ("*" if chosen and q is chosen else " ", f.name, f.gpu, f"{f.vram_gb:.0f}G", f"{f.usd_per_hour:.2f}")
+        if p is None:
+            rows.append(head + (f"does not fit: {q.why_not[:60]}", "", ""))
             continue
-        p = q.plan
         setup = f"b{p.batch_size}x{p.grad_accum}{', ckpt' if p.gradient_checkpointing else ''}, {p.dtype}" \
                 f"{', 4-bit' if p.quantize == '4bit' else ''}"
-        lines.append(f"{mark} {q.flavor.name:<12} {q.flavor.gpu:<6} {q.flavor.vram_gb:>5.0f}G {q.flavor.usd_per_hour:>6.2f}  "
-                     f"{setup:<28} {hms(q.hours * 3600):>8} {'$%.2f' % q.cost:>8}")
+        rows.append(head + (setup, hms(q.hours * 3600), "$%.2f" % q.cost))
+    header = ("", "flavor", "GPU", "VRAM", "$/h", "plan", "time", "cost")
+    fits = [r for r in rows if r[6]]
+    w = [max(len(r[i]) for r in [header] + (fits if i >= 5 else rows)) for i in range(8)]
+
+    def line(r) -> str:
+        text = f"{r[0]:<1} {r[1]:<{w[1]}} {r[2]:<{w[2]}} {r[3]:>{w[3]}} {r[4]:>{w[4]}}  "
+        return text + (f"{r[5]:<{w[5]}} {r[6]:>{w[6]}} {r[7]:>{w[7]}}" if r[6] or r is header else r[5])
+
+    lines = [f"HF Jobs flavors ({source}; time includes ~{SETUP_SECONDS // 60} min of setup):", line(header)]
+    lines += [line(r) for r in rows]
+    for q in quotes:
+        if not q.flavor.known:
+            lines.append(f"  {q.flavor.name}: GPU {q.flavor.gpu!r} has no known compute capability here; planned "
+                         f"conservatively as {UNKNOWN_CAPABILITY} (no bf16)")
     if chosen:
         lines.append(f"auto picks {chosen.flavor.name}: the cheapest that fits (* above)")
     return "\n".join(lines)
@@ -154,10 +189,20 @@ def _checkout_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def job_script(repo: str, revision: str, dataset: str, adapter: str | None) -> str:
+def hub_requirement(root: str) -> str:
+    """The huggingface_hub pin of requirements.txt: the job fetches with the client version this checkout uses."""
+    with open(os.path.join(root, "requirements.txt"), encoding="utf-8") as fh:
+        found = next((ln.split("#")[0].strip() for ln in fh if re.match(r"huggingface[_-]hub\b", ln.strip())), "")
+    if "==" not in found:
+        raise UserError("requirements.txt pins no huggingface_hub==VERSION; the job installs exactly that version")
+    return found
+
+
+def job_script(repo: str, revision: str, dataset: str, adapter: str | None, hub_pin: str) -> str:
     """The job's command: fetch this checkout + data at a pinned revision, run the same toolkit, which pushes."""
-    fetch = (f"python -m pip install -q huggingface_hub && python -c \"from huggingface_hub import snapshot_download; "
-             f"snapshot_download({repo!r}, repo_type='dataset', revision={revision!r}, local_dir='/workspace/ft')\"")
+    fetch = (f"python -m pip install -q {shlex.quote(hub_pin)} && python -c \"from huggingface_hub import "
+             f"snapshot_download; snapshot_download({repo!r}, repo_type='dataset', revision={revision!r}, "
+             f"local_dir='/workspace/ft')\"")
     env = f"DATASET={shlex.quote(dataset)}" + (f" ADAPTER={shlex.quote(adapter)}" if adapter else "")
     return (f"set -euo pipefail\n{fetch}\ncd /workspace/ft/code && chmod +x run.sh setup_environment.sh\n"
             f"{env} ./run.sh train\n")
@@ -200,8 +245,16 @@ def submit(cfg, sources: dict, record_plan: Quote, model_name: str, settings_env
         if secret.encode() in open(path, "rb").read():
             raise UserError(f"refusing to upload {path}: it contains your Hugging Face token")
     data_repo = f"{user}/finetune-job-{digest.hexdigest()[:10]}"
-    run_name = cfg.run_name or f"{model_name.split('/')[-1].lower()}-{cfg.method}-{digest.hexdigest()[:6]}"
+    # The result repo is named from code + data + what the job runs with (settings, model, flavor; the token is a
+    # secret, never a setting), so different settings never share one. The same inputs again reuse it, which
+    # is safe: a push adds a commit and deletes nothing, and `jobs pull` downloads the commit its own job made
+    # (its push names hub.SUBMISSION in the commit message), so an earlier job's results stay pullable by its id.
+    runs_with = {**settings_env, "model": model_name, "flavor": record_plan.flavor.name}
+    digest.update(repr(sorted(runs_with.items())).encode())
+    run_name = cfg.run_name or f"{model_name.split('/')[-1].lower()}-{cfg.method}-{digest.hexdigest()[:8]}"
     result_repo = hub.check_repo_id(cfg.push_to_hub or f"{user}/{run_name}", "PUSH_TO_HUB")
+    submission = secrets.token_hex(8)
+    hub_pin = hub_requirement(root)
     from huggingface_hub import CommitOperationAdd
 
     try:
@@ -209,13 +262,15 @@ def submit(cfg, sources: dict, record_plan: Quote, model_name: str, settings_env
         commit = api.create_commit(data_repo, repo_type="dataset", commit_message="finetune job: code + data",
                                    operations=[CommitOperationAdd(path_in_repo=n, path_or_fileobj=p) for p, n in files])
         env = {**settings_env, "PUSH_TO_HUB": result_repo, "RUN_NAME": run_name, "OUTPUT_DIR": f"/workspace/{run_name}",
-               "FLAVOR": "auto", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+               "FLAVOR": "auto", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", hub.SUBMISSION: submission,
+               hardware.EXPECT_CUDA: "1"}  # priced for a GPU: without a usable one the job stops, never trains on CPU
         env.pop("REMOTE", None)
         timeout = int((SETUP_SECONDS + record_plan.plan.est_seconds) * TIMEOUT_MARGIN)
-        job = api.run_job(image=IMAGE, command=["bash", "-c", job_script(data_repo, commit.oid, dataset, adapter)],
+        script = job_script(data_repo, commit.oid, dataset, adapter, hub_pin)
+        job = api.run_job(image=IMAGE, command=["bash", "-c", script],
                           env=env, secrets={"HF_TOKEN": secret}, flavor=record_plan.flavor.name, timeout=timeout,
                           labels={"finetune": "1", "finetune-result": result_repo.replace("/", "--"),
-                                  "finetune-run": run_name})
+                                  "finetune-run": run_name, "finetune-submission": submission})
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Callable
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.evaluate import json_object, score
 
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "reference", "target", "final_answer")
@@ -89,7 +89,7 @@ def _load_user(spec: str) -> Callable:
     except BaseException as err:  # noqa: BLE001 -- any failure in the user's module is reported in one line
         if isinstance(err, KeyboardInterrupt):
             raise
-        raise UserError(f"{where}: {path} cannot be imported ({type(err).__name__}: {_first_line(err)})") from None
+        raise UserError(f"{where}: {path} cannot be imported ({type(err).__name__}: {first_line(err)})") from None
     fn = getattr(module, name, None)
     if fn is None:
         raise UserError(f"{where}: {path} has no function '{name}'")
@@ -130,7 +130,7 @@ def call(name: str, fn: Callable, prompts: list, completions: list, columns: dic
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- the user's code failed: say where, in one line
-        raise UserError(f"{where} raised {type(err).__name__}: {_first_line(err)}") from None
+        raise UserError(f"{where} raised {type(err).__name__}: {first_line(err)}") from None
     if not isinstance(values, (list, tuple)) or len(values) != len(completions):
         got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else type(values).__name__
         raise UserError(f"{where} must return a list with one number per completion ({len(completions)}), got {got}")
@@ -141,6 +141,3 @@ def call(name: str, fn: Callable, prompts: list, completions: list, columns: dic
         out.append(float(v))
     return out
 
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:160]

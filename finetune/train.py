@@ -69,9 +69,15 @@ def format_settings(settings: dict[str, dict]) -> str:
 def _check_combination(cfg: Config, plan: planner.Plan) -> None:
     if plan.dtype == "fp16" and plan.device != "cuda":
         raise UserError(f"DTYPE=fp16 needs a CUDA GPU (this run uses {plan.device}); use DTYPE=bf16 or fp32")
-    if plan.quantize == "4bit" and plan.device not in ("cuda", "mlx"):
+    if plan.quantize == "4bit" and plan.device not in ("cuda", "mlx", "cpu"):
         raise UserError(f"QUANTIZE=4bit needs a CUDA GPU (bitsandbytes) or the MLX backend (this run uses {plan.device}); "
                         "use QUANTIZE=none")
+    if plan.quantize == "4bit" and plan.device == "cpu":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("QUANTIZE=4bit on the CPU needs bitsandbytes (>= 0.50 runs NF4 there): "
+                            ".venv/bin/pip install bitsandbytes==0.50.2, or use QUANTIZE=none")
     if cfg.report_to == "trackio":
         import importlib.util
 
@@ -139,6 +145,12 @@ def inspect(cfg: Config, sources: dict[str, str]):
 def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = None) -> int:
     t0 = time.perf_counter()
     hw = hardware.detect()
+    backends.before_transformers(cfg.backend, hw)  # Unsloth patches transformers: it must load first
+    hw, no_gpu = hardware.confirm_cuda(hw)
+    if no_gpu and os.environ.get(hardware.EXPECT_CUDA) == "1":  # an HF Job priced for a GPU never trains on its CPU
+        raise UserError(f"this job was priced for a GPU, but {no_gpu}; stopping before training")
+    if no_gpu:
+        print(f"warning: {no_gpu}; planning for the CPU")
     method, rows, start, model, fallback, tokenizer, prepared = inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     if backend.device(hw) == "cpu":  # the time estimate uses this machine's measured matmul rate

@@ -151,6 +151,12 @@ class HubServer:
             files = {k: v.encode() if isinstance(v, str) else v for k, v in (files or {}).items()}
             return self._commit(key, files, "Upload files") if files else oid
 
+    def add_commit(self, repo_id: str, files: dict, title: str = "Upload files", *, repo_type: str = "model") -> str:
+        """Another commit on main of an existing repo (someone's later push); returns its sha."""
+        with self._cond:
+            return self._commit((repo_type, repo_id), {k: v.encode() if isinstance(v, str) else v
+                                                       for k, v in files.items()}, title)
+
     def files(self, repo_id: str, repo_type: str = "model") -> dict[str, bytes]:
         return dict(self.repos[(repo_type, repo_id)]["commits"][-1]["files"])
 
@@ -304,6 +310,12 @@ class HubServer:
             raise HubError(404, f"{g[3]} does not exist on {g[2]}", "EntryNotFound")
         return list(out.values())  # a single page: no Link header, so the client stops paginating
 
+    def _commits(self, h, g, q, body, user):  # list_repo_commits: newest first, one page
+        repo = self._repo(user, g[0][:-1], g[1])
+        self._rev(repo, g[2])
+        return [{"id": c["oid"], "title": c["title"], "message": c["description"], "date": c["date"],
+                 "authors": [{"user": repo["id"].split("/")[0]}]} for c in reversed(repo["commits"])]
+
     def _preupload(self, h, g, q, body, user):
         head = self._rev(self._repo(user, g[0][:-1], g[1], write=True), g[2])
         # "regular" for every file keeps LFS and Xet out of the picture; "oid" lets the client drop
@@ -420,6 +432,7 @@ _ROUTES = [  # (methods, regex on the raw path, endpoint)
     ("GET", r"/api/agent-harnesses", lambda *a: {"standardEnvVars": [], "harnesses": {}}),  # user-agent probe
     ("GET", _REPO + r"(?:/revision/([^/]+))?", HubServer._info),
     ("GET", _REPO + r"/tree/([^/]+)(?:/(.+))?", HubServer._tree),
+    ("GET", _REPO + r"/commits/([^/]+)", HubServer._commits),
     ("POST", _REPO + r"/preupload/([^/]+)", HubServer._preupload),
     ("POST", _REPO + r"/commit/([^/]+)", HubServer._commit_api),
     ("GET", r"/api/jobs/hardware", lambda self, *a: self.hardware),

@@ -228,3 +228,29 @@ def test_doctor_says_which_blas_mlx_cpu_uses():
     slow = "\n".join(summary_lines(_hw(**mlx_cpu, mlx_openblas=False)))
     assert "reference BLAS" in slow and "apt-get install libopenblas0" in slow
     assert "MLX: available (gpu)" in summary_lines(_hw(mlx_available=True, mlx_device="gpu"))
+
+
+def test_cuda_mismatch_names_driver_and_wheel():
+    from finetune.hardware import cuda_mismatch
+
+    old = cuda_mismatch("550.54.15", "13.0")
+    assert "driver 550.54.15" in old and "CUDA 13.0" in old and ">= 580" in old
+    assert ">= " not in cuda_mismatch("580.65", "13.0")  # new enough: some other reason, said as such
+    assert "CPU build" in cuda_mismatch("580.65", None)
+
+
+def test_confirm_cuda_drops_a_gpu_torch_cannot_use():
+    """On this machine torch is a CPU build: a GPU described by nvidia-smi is not planned for, and the reason says so."""
+    import dataclasses
+
+    from finetune.hardware import CudaDevice, confirm_cuda, detect
+
+    hw = dataclasses.replace(detect(), cuda_devices=[CudaDevice("NVIDIA L4", 22, "8.9", True)])
+    import torch
+
+    confirmed, why = confirm_cuda(hw)
+    if torch.cuda.is_available():
+        assert confirmed.cuda_devices and why is None
+    else:
+        assert confirmed.cuda_devices == [] and why.startswith("nvidia-smi lists NVIDIA L4 but ")
+    assert confirm_cuda(dataclasses.replace(hw, cuda_devices=[])) == (dataclasses.replace(hw, cuda_devices=[]), None)

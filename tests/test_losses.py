@@ -1,5 +1,5 @@
-"""The losses are the functions they claim to be: each method's torch and MLX loss against the numpy reference
-(finetune/methods/reference.py) on tiny tensors, the trained-positions-only fast path against the model's own
+"""The losses are the functions they claim to be: each method's loss (written once in its module over a backend's
+ops) run on torch and on MLX against the numpy reference (finetune/methods/reference.py) on tiny tensors, the trained-positions-only fast path against the model's own
 full forward, and the SFT step loss against a plain reference computation, for any micro-batch split."""
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from backends import torch_losses
+from backends import torch_ops
 from finetune.config import Config
-from finetune.methods import Batch, reference
+from finetune.methods import Batch, dpo, grpo, reference, sft
 from finetune.template import IGNORE, Encoded
 
 RNG = np.random.default_rng(0)
+
+
+def torch_loss(method, logps, rows, n_rows, extra, denominator, ref_tokens=None, **cfg):
+    """A method's loss on torch tensors (weights 1: torch gathers no padding)."""
+    as_t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(v)  # noqa: E731
+    return method.loss(torch_ops, as_t(logps), 1.0, as_t(rows), n_rows, {k: as_t(v) for k, v in extra.items()},
+                       None if ref_tokens is None else as_t(ref_tokens), Config(**cfg), denominator)
 
 
 def test_dpo_loss_torch_matches_reference():
@@ -23,10 +30,11 @@ def test_dpo_loss_torch_matches_reference():
     # sequence log-probs from token log-probs: split each sequence into 3 tokens
     tokens = np.repeat(seq / 3, 3)
     rows = np.repeat(np.arange(12), 3)
-    loss, stats = torch_losses.dpo(torch.tensor(tokens), torch.tensor(rows), 12, torch.tensor(ref), 0.1, 6.0)
+    loss, stats = torch_loss(dpo, tokens, rows, 12, {"ref": ref}, 6.0, beta=0.1)
     assert float(loss) == pytest.approx(want, rel=1e-9)
     margin = (pc - rc) - (pr - rr)
-    assert stats["pref_accuracy"] == pytest.approx(float((margin > 0).mean()))
+    assert float(stats["pref_accuracy"]) == pytest.approx(float((margin > 0).mean()))
+    assert float(stats["reward_margin"]) == pytest.approx(float((0.1 * margin).mean()))
 
 
 def _rpo_pairs():
@@ -57,8 +65,8 @@ def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhe
         tokens = np.concatenate([by_seq[id(s)] for s in chunk])
         rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
         f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        loss, _ = torch_losses.dpo(f64(tokens), torch.tensor(rows), len(chunk), f64(extra["ref"]), 0.1,
-                                   batch.denominator, f64(extra["nll"]))
+        loss, _ = torch_loss(dpo, f64(tokens), rows, len(chunk), {k: f64(v) for k, v in extra.items()},
+                             batch.denominator, beta=0.1, rpo_alpha=0.7)
         total += float(loss)
     ref_c, ref_r = [p.ref[0] for p in pairs], [p.ref[1] for p in pairs]
     want = reference.rpo_step_loss(token_logps[0::2], token_logps[1::2], ref_c, ref_r, 0.1, 0.7)
@@ -80,51 +88,91 @@ def test_group_advantages_by_hand():
     assert adv[4:] == pytest.approx([0, 0, 0, 0])  # a group that all agree teaches nothing
 
 
-def test_grpo_loss_torch_matches_reference_with_ratio_clip_and_kl():
+def test_grpo_loss_torch_matches_reference_with_kl():
     n_tok, n_seq = 10, 3
-    logps, old, ref = RNG.normal(-2, 0.5, n_tok), RNG.normal(-2, 0.5, n_tok), RNG.normal(-2, 0.5, n_tok)
+    logps, ref = RNG.normal(-2, 0.5, n_tok), RNG.normal(-2, 0.5, n_tok)
     rows = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
     adv = np.array([1.5, -0.7, 0.2])
-    want = reference.grpo_loss(logps, old, ref, rows, adv, beta=0.04, epsilon=0.2, denominator=12.0)
-    got, _ = torch_losses.grpo(torch.tensor(logps), torch.tensor(rows), torch.tensor(adv), torch.tensor(old),
-                               torch.tensor(ref), 0.04, 0.2, 12.0)
+    want = reference.grpo_loss(logps, logps, ref, rows, adv, beta=0.04, epsilon=grpo.EPSILON, denominator=12.0)
+    got, stats = torch_loss(grpo, logps, rows, n_seq, {"advantage": adv}, 12.0, ref_tokens=ref, beta=0.04)
     assert float(got) == pytest.approx(want, rel=1e-9)
+    d = ref - logps
+    assert float(stats["kl"]) == pytest.approx(float((np.exp(d) - d - 1).sum() / 12.0))
 
 
 def test_grpo_with_no_old_policy_is_the_policy_gradient():
     logps = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
-    loss, _ = torch_losses.grpo(logps, torch.tensor([0, 0, 1]), torch.tensor([2.0, -1.0]), None, None, 0.0, 0.2, 3.0)
+    loss, stats = torch_loss(grpo, logps, [0, 0, 1], 2, {"advantage": [2.0, -1.0]}, 3.0, beta=0.0)
     loss.backward()
+    assert stats == {}
     assert float(loss.detach()) == pytest.approx(-(2 + 2 - 1) / 3)           # ratio 1: -sum(A) / tokens
     assert logps.grad.tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3])  # d/dlogp = -A / tokens
+
+
+def test_every_method_module_implements_the_written_protocol():
+    import inspect
+
+    from finetune import methods
+    from finetune.methods.base import Method
+
+    wanted = {n: inspect.signature(f) for n, f in vars(Method).items() if inspect.isfunction(f) and not n.startswith("_")}
+    for name in methods.NAMES:
+        module = methods.get(name)
+        assert module.NAME == name and module.SAMPLE_DIR
+        for fn, sig in wanted.items():
+            got = list(inspect.signature(getattr(module, fn)).parameters)
+            assert got == list(sig.parameters)[1:], (name, fn, got)  # the protocol's, without self
+
+
+def test_no_backend_names_a_method():
+    """A method is one file: the backends run its loss over their ops and never branch on its name."""
+    import os
+
+    from finetune import methods
+    from tests.conftest import ROOT
+
+    for name in ("torch_backend.py", "mlx_backend.py", "unsloth_backend.py", "torch_ops.py", "mlx_ops.py"):
+        text = open(os.path.join(ROOT, "backends", name)).read()
+        for method in methods.NAMES:
+            assert f'"{method}"' not in text and f"'{method}'" not in text, (name, method)
 
 
 mx = pytest.importorskip("mlx.core")
 
 
-def test_mlx_losses_match_reference():
-    from backends import mlx_losses
+def mlx_loss(method, logps, weights, rows, n_rows, extra, denominator, ref_tokens=None, **cfg):
+    from backends import mlx_ops
 
+    f32 = lambda v: mx.array(np.asarray(v, np.float32))  # noqa: E731
+    return method.loss(mlx_ops, f32(logps), f32(weights), mx.array(np.asarray(rows)), n_rows,
+                       {k: f32(v) for k, v in extra.items()}, None if ref_tokens is None else f32(ref_tokens),
+                       Config(**cfg), denominator)
+
+
+def test_mlx_losses_match_reference():
     pc, pr, rc, rr = (RNG.normal(-20, 5, 4) for _ in range(4))
     seq = np.stack([pc, pr], 1).reshape(-1)
     ref = np.stack([rc, rr], 1).reshape(-1)
-    loss, _ = mlx_losses.dpo(mx.array(seq.astype(np.float32)), mx.ones(8), mx.arange(8), 8,
-                             mx.array(ref.astype(np.float32)), 0.1, 4.0)
-    assert float(loss) == pytest.approx(reference.dpo_losses(pc, pr, rc, rr, 0.1).sum() / 4, rel=1e-5)
-    # RPO: the chosen answers' NLL weighted per sequence (alpha / chosen tokens; rejected 0), as torch_losses.dpo
     nll = np.array([0.5, 0.0] * 4, np.float32)
-    with_nll, _ = mlx_losses.dpo(mx.array(seq.astype(np.float32)), mx.ones(8), mx.arange(8), 8,
-                                 mx.array(ref.astype(np.float32)), 0.1, 4.0, mx.array(nll))
-    torch_nll, _ = torch_losses.dpo(torch.tensor(seq), torch.arange(8), 8, torch.tensor(ref), 0.1, 4.0, torch.tensor(nll))
+    loss, _ = mlx_loss(dpo, seq, np.ones(8), np.arange(8), 8, {"ref": ref, "nll": nll}, 4.0, beta=0.1, rpo_alpha=0.0)
+    assert float(loss) == pytest.approx(reference.dpo_losses(pc, pr, rc, rr, 0.1).sum() / 4, rel=1e-5)
+    # RPO: the chosen answers' NLL weighted per sequence (alpha / chosen tokens; rejected 0), as on torch
+    with_nll, _ = mlx_loss(dpo, seq, np.ones(8), np.arange(8), 8, {"ref": ref, "nll": nll}, 4.0, beta=0.1,
+                           rpo_alpha=0.5)
+    torch_nll, _ = torch_loss(dpo, seq, torch.arange(8), 8, {"ref": ref, "nll": nll.astype(np.float64)}, 4.0,
+                              beta=0.1, rpo_alpha=0.5)
     assert float(with_nll) == pytest.approx(float(torch_nll), rel=1e-5)
     assert float(with_nll) - float(loss) == pytest.approx(-0.5 * pc.sum(), rel=1e-4)
-    logps, old, refs = (RNG.normal(-2, 0.5, 6).astype(np.float32) for _ in range(3))
+    logps, refs = (RNG.normal(-2, 0.5, 6).astype(np.float32) for _ in range(2))
     rows, adv = np.array([0, 0, 1, 1, 1, 0]), np.array([0.8, -1.2], np.float32)
     weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # last slot is bucket padding
-    got = mlx_losses.grpo(mx.array(logps), mx.array(weights), mx.array(rows), mx.array(adv), mx.array(old),
-                          mx.array(refs), 0.04, 0.2, 5.0)
-    want = reference.grpo_loss(logps[:5], old[:5], refs[:5], rows[:5], adv, 0.04, 0.2, 5.0)
+    got, stats = mlx_loss(grpo, logps, weights, rows, 2, {"advantage": adv}, 5.0, ref_tokens=refs, beta=0.04)
+    want = reference.grpo_loss(logps[:5], logps[:5], refs[:5], rows[:5], adv, 0.04, grpo.EPSILON, 5.0)
     assert float(got) == pytest.approx(want, rel=1e-5)
+    got_t, stats_t = torch_loss(grpo, logps[:5], rows[:5], 2, {"advantage": adv}, 5.0, ref_tokens=refs[:5], beta=0.04)
+    assert float(stats["kl"]) == pytest.approx(float(stats_t["kl"]), rel=1e-5)
+    sft_m, _ = mlx_loss(sft, logps, weights, rows, 2, {}, 5.0)
+    assert float(sft_m) == pytest.approx(-logps[:5].sum() / 5.0, rel=1e-5)
 
 
 # ---------------------------------------------------------------- the real forward passes (tiny model)
@@ -183,7 +231,6 @@ def test_fast_path_equals_the_full_forward(torch_session, rows):
 @pytest.mark.parametrize("micro", [1, 3, 12])
 def test_sft_step_loss_is_mean_ce_over_every_trained_token_of_the_step(torch_session, rows, micro):
     """Assistant-only, EOS trained (it is in the labels), mean over the step's trained tokens, whatever the split."""
-    from backends import torch_losses as losses
     from finetune.methods import micro_batches as split
 
     want = _reference_sft_loss(torch_session.model, rows, torch_session.pad_id)
@@ -192,7 +239,7 @@ def test_sft_step_loss_is_mean_ce_over_every_trained_token_of_the_step(torch_ses
     with torch.no_grad():
         for chunk, _ in split(batch, micro):
             logps, _ = torch_session.trained_logps(chunk)
-            total += float(losses.sft(logps, batch.denominator))
+            total += float(sft.loss(torch_ops, logps, 1.0, None, len(chunk), {}, None, Config(), batch.denominator)[0])
     assert total == pytest.approx(want, rel=1e-5)
     eos = torch_session.tokenizer.eos_token_id
     assert all([t for t in r.labels if t != IGNORE][-1] == eos for r in rows)  # the end-of-turn token is trained
@@ -213,12 +260,9 @@ def test_torch_and_mlx_give_the_same_dpo_loss_on_the_same_weights(torch_session,
     sums_t, sums_m = np.array([x.sum() for x in lp_t]), np.array([x.sum() for x in lp_m])
     ref = sums_t + RNG.normal(0, 0.5, 8)  # a reference that differs from the policy
     loss_t = reference.dpo_losses(sums_t[0::2], sums_t[1::2], ref[0::2], ref[1::2], 0.1).mean()
-    from backends import mlx_losses
-
     toks = np.concatenate(lp_m).astype(np.float32)
     owner = np.concatenate([[i] * len(x) for i, x in enumerate(lp_m)])
-    loss_m, _ = mlx_losses.dpo(mx.array(toks), mx.ones(len(toks)), mx.array(owner), 8,
-                               mx.array(ref.astype(np.float32)), 0.1, 4.0)
+    loss_m, _ = mlx_loss(dpo, toks, np.ones(len(toks)), owner, 8, {"ref": ref, "nll": np.zeros(8)}, 4.0, beta=0.1)
     assert float(loss_m) == pytest.approx(loss_t, abs=1e-4)
 
 

@@ -38,16 +38,16 @@ def unchanged(s, before) -> bool:
 
 
 def test_torch_skips_a_step_with_a_nan_loss_and_applies_the_next(tiny_model, tokenizer, monkeypatch):
-    from backends import torch_losses
+    from finetune.methods import sft
 
     s = session(tiny_model, tokenizer)
-    real = torch_losses.sft
-    monkeypatch.setattr(torch_losses, "sft", lambda logps, d: real(logps, d) * float("nan"))
+    real = sft.loss
+    monkeypatch.setattr(sft, "loss", lambda *a: (real(*a)[0] * float("nan"), {}))
     before = lora_values(s)
     out = s.train_step(sft_batch(tokenizer), 2, 1e-2)
     assert out["skipped"] == 1 and unchanged(s, before)
     assert all(p.grad is None for p in s.params)  # nothing carried into the next step
-    monkeypatch.setattr(torch_losses, "sft", real)
+    monkeypatch.setattr(sft, "loss", real)
     out = s.train_step(sft_batch(tokenizer), 2, 1e-2)
     assert "skipped" not in out and np.isfinite(out["loss"]) and not unchanged(s, before)
 

@@ -187,6 +187,33 @@ def test_disk_full_while_checkpointing_keeps_the_last_whole_checkpoint(run_env, 
     assert [s for s, _ in checkpoint.whole(str(out))] == [0, 3]
 
 
+def test_a_library_save_failing_as_runtime_error_is_one_line_and_keeps_the_last_checkpoint(run_env, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """torch.save reports a full disk as RuntimeError, not OSError: it still ends in one line naming the file."""
+    import torch
+
+    from finetune import checkpoint, cli
+
+    real, calls = torch.save, {"n": 0}
+
+    def failing(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0, step 3, then the write fails as PyTorch's stream writer says it
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing)
+    out = tmp_path / "run"
+    for k, v in tiny_env(run_env, out).items():
+        monkeypatch.setenv(k, v)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: could not write") and "optimizer.pt: [enforce fail" in err[-1]
+    assert json.load(open(out / "run.json"))["status"] == "failed"
+    assert [s for s, _ in checkpoint.whole(str(out))] == [0, 3]
+    assert not [f for f in os.listdir(out / "checkpoints") if f.startswith(".")]  # no temp left behind
+
+
 def test_two_runs_in_the_same_second_and_outputs_land_where_you_are(run_env, tmp_path):
     env = {**tiny_env(run_env, ""), "MAX_STEPS": "1", "RUN_NAME": "same"}
     env.pop("OUTPUT_DIR")

@@ -120,3 +120,50 @@ def test_qlora_4bit_trains_on_cuda(run_env, tmp_path):
                           "EVAL_GENERATIONS": "1", "OUTPUT_DIR": str(tmp_path / "q")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "q" / "adapter_model.safetensors").exists()
+
+
+def test_16bit_cuda_loads_straight_onto_the_gpu():
+    """device_map puts each shard on the GPU as it loads: a 16-bit model never sits whole in host RAM first."""
+    assert model_load_kwargs(plan(device="cuda", dtype="bf16"))["device_map"] == {"": 0}
+    assert model_load_kwargs(plan(device="cpu", dtype="fp32", quantize="4bit"))["device_map"] == {"": "cpu"}
+
+
+def test_loss_and_eval_forwards_build_no_kv_cache(tiny_model, tokenizer):
+    from tests.test_nonfinite import session, sft_batch
+
+    s = session(tiny_model, tokenizer)
+    caches = []
+    s.base.get_decoder().register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    s.token_logps(sft_batch(tokenizer).sequences)  # eval: model.eval(), where use_cache would default to on
+    s.train_step(sft_batch(tokenizer), 2, 1e-3)
+    assert caches and all(c is None for c in caches)
+    assert s.describe()["attention"] == s.plan.attention  # what run.json records: the kernel actually loaded
+
+
+def test_resume_keeps_a_paged_optimizer_paged(monkeypatch):
+    """bitsandbytes' load_state_dict returns plain tensors; repage_optimizer_state puts them back in paged buffers
+    (the CPU has no paged memory, so the optimizer's buffer factory is marked here; the copying is real)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    from backends.torch_backend import repage_optimizer_state
+
+    p = torch.nn.Parameter(torch.randn(512, 256))
+    opt = bnb.optim.PagedAdamW8bit([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    resumed = bnb.optim.PagedAdamW8bit([p], lr=1e-3)
+    resumed.load_state_dict(opt.state_dict())
+    made = []
+
+    def paged(param, dtype=torch.float32):
+        buf = torch.zeros_like(param, dtype=dtype)
+        buf.is_paged = True
+        made.append(buf)
+        return buf
+
+    monkeypatch.setattr(resumed, "get_state_buffer", paged)
+    assert repage_optimizer_state(resumed) == 2  # state1 and state2 (the 8-bit moments), not the small qmaps
+    for key in ("state1", "state2"):
+        assert resumed.state[p][key].is_paged and torch.equal(resumed.state[p][key], opt.state[p][key])
+    assert repage_optimizer_state(torch.optim.AdamW([p])) == 0

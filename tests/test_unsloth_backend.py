@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 import backends
-from backends.unsloth_backend import BACKEND, TARGETS, unsloth_kwargs
+import backends.unsloth_backend as unsloth_backend
+from backends.unsloth_backend import BACKEND, linear_targets, unsloth_kwargs
 from finetune.config import Config
 from finetune.hardware import CudaDevice, Hardware
 from finetune.models import info_from_config
@@ -33,12 +34,84 @@ def test_needs_cuda_and_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "unsloth is not installed" in BACKEND.available(hw())
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(unsloth_backend, "_IMPORT", {"result": None})  # as if `import unsloth` worked
     assert BACKEND.available(hw()) is None and BACKEND.device(hw()) == "cuda"
+
+
+def test_a_broken_install_does_not_win_auto_selection(tmp_path, monkeypatch):
+    """A spec that exists is not enough: `import unsloth` must work (here it raises as on a machine without a driver)."""
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text("raise NotImplementedError('Unsloth cannot find any torch accelerator')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(unsloth_backend, "_IMPORT", {})
+    why = BACKEND.available(hw())
+    assert why.startswith("unsloth is installed but does not import (NotImplementedError: Unsloth cannot find")
+    chosen, reasons = backends.select("auto", hw(), QWEN2, "sft")
+    assert chosen.name == "torch" and any(r.startswith("unsloth: skipped, unsloth is installed but") for r in reasons)
+
+
+def test_targets_are_the_layers_peft_all_linear_picks(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    targets = linear_targets(model)
+    peft = get_peft_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert targets == sorted({n.rsplit(".", 1)[-1] for n in peft.targeted_module_names})
+    assert "lm_head" not in targets and "q_proj" in targets
+
+
+def test_generation_switches_modes_and_training_restores_them(tiny_model, tokenizer):
+    """Unsloth's generate turns checkpointing off until for_training: the session calls its two switches."""
+    from tests.test_nonfinite import sft_batch
+    from backends.torch_backend import TorchSession
+    from finetune.models import _read_config, info_from_config
+    from tests.test_torch_backend import plan
+
+    calls = []
+    info = info_from_config("finetune/tiny-qwen2", tiny_model, _read_config(tiny_model), is_tiny=True)
+    s = TorchSession(Config(), plan(max_seq_length=128), info, tokenizer,
+                     modes=(lambda m: calls.append("train"), lambda m: calls.append("infer")))
+    s.generate([[1, 2, 3]], 2)
+    s.generate([[1, 2, 3]], 2)
+    s.train_step(sft_batch(tokenizer), 2, 1e-3)
+    s.train_step(sft_batch(tokenizer), 2, 1e-3)
+    s.generate([[1, 2, 3]], 2)
+    assert calls == ["infer", "train", "infer"]
+
+
+def test_unsloth_is_imported_before_transformers(tmp_path, run_env):
+    """A GPU that nvidia-smi lists, an unsloth that records what was loaded before it, and a CPU torch: train imports
+    unsloth first, then finds torch cannot use the GPU, says why (driver vs wheel) and plans for the CPU."""
+    import json
+
+    from tests.conftest import ROOT, run_cli
+
+    bin_dir, pkg = tmp_path / "bin", tmp_path / "pkgs" / "unsloth"
+    bin_dir.mkdir()
+    pkg.mkdir(parents=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *driver_version*) echo 550.54.15;; *) echo "NVIDIA A10G, 23028, 8.6";; esac\n')
+    smi.chmod(0o755)
+    marker = tmp_path / "seen.json"
+    pkg.joinpath("__init__.py").write_text(
+        f"import json, sys\njson.dump('transformers' in sys.modules, open({str(marker)!r}, 'w'))\n")
+    env = {**run_env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": f"{tmp_path / 'pkgs'}:{ROOT}",
+           "MODEL": "finetune/tiny-qwen2", "BACKEND": "unsloth"}
+    done = run_cli(["train", "--dry-run"], env)
+    assert json.loads(marker.read_text()) is False  # unsloth came first
+    assert done.returncode == 2 and "BACKEND=unsloth cannot run here: Unsloth needs an NVIDIA GPU" in done.stderr
+    assert "nvidia-smi lists NVIDIA A10G but the installed torch is a CPU build" in done.stdout
+    # an HF Job priced for a GPU stops instead (one line, exit 2), never trains on the CPU at GPU prices
+    done = run_cli(["train", "--dry-run"], {**env, "BACKEND": "torch", "FINETUNE_EXPECT_CUDA": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "this job was priced for a GPU, but nvidia-smi lists NVIDIA A10G but the installed torch" in done.stderr
 
 
 def test_auto_prefers_unsloth_on_cuda_and_says_why_not_otherwise(monkeypatch):
     import importlib.util
 
+    monkeypatch.setattr(unsloth_backend, "_IMPORT", {"result": None})
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "unsloth" else real(name))
     chosen, why = backends.select("auto", hw(), QWEN2, "sft")
@@ -61,7 +134,7 @@ def test_kwargs_follow_the_plan():
     load, peft = unsloth_kwargs(Config(lora_r=8, lora_alpha=16, lora_type="dora", seed=3), plan, QWEN2)
     assert load == {"model_name": "/models/m", "max_seq_length": 512, "dtype": torch.bfloat16, "load_in_4bit": True}
     assert peft["r"] == 8 and peft["lora_alpha"] == 16 and peft["use_dora"] and peft["random_state"] == 3
-    assert peft["use_gradient_checkpointing"] == "unsloth" and peft["target_modules"] == TARGETS
+    assert peft["use_gradient_checkpointing"] == "unsloth"
 
 
 def test_tight_cuda_plans_page_the_optimizer_in_8_bit():

@@ -1,15 +1,9 @@
 """Training methods: one small module each (sft, dpo, grpo), over one shared loop and one backend per device.
 
-A method module says, in plain functions and without importing torch or mlx:
-    NAME, SAMPLE_DIR             its name and the shipped sample data (DATASET=sample)
-    read(cfg) -> Rows            read + validate every row (all errors before any weights load)
-    prepare(rows, tokenizer, cfg) -> Prepared   token ids and loss masks through finetune.template
-    memory(model, plan_inputs)   its extra term for the planner (sequences per item, sampling cache)
-    start(session, prepared)     work before the first step (DPO: reference log-probs)
-    make_batch(session, items, cfg, rng) -> Batch    what one optimizer step trains on (GRPO samples here)
-    evaluate(session, prepared, cfg) -> EvalResult   before/after numbers for the report
-The backends implement each method's loss over a Batch (`Session.train_step(batch, ...)`), so a method is
-a value in the plan, not a new backend. The accepted METHOD values are NAMES: what is implemented here.
+What a method module provides is written down as the `Method` protocol in finetune/methods/base.py: reading and
+checking rows, encoding, the step's Batch, and its loss over a backend's ops namespace (a method is one file; the
+backends never branch on it). This module holds the values they exchange (Rows, Prepared, Batch, EvalResult), how a
+step is cut into micro-batches, and NAMES: the accepted METHOD values.
 """
 from __future__ import annotations
 

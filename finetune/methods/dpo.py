@@ -156,6 +156,25 @@ def make_batch(session, items: list[Pair], cfg, rng) -> Batch:
                  group=2)
 
 
+def needs_reference_tokens(cfg) -> bool:
+    return False  # the reference's sequence log-probs are computed once, in start(), and travel in the batch
+
+
+def loss(ops, logps, weights, rows, n_rows: int, extra: dict, ref_tokens, cfg, denominator):
+    """Sigmoid DPO over pairs (sequences alternate chosen, rejected; extra["ref"]: the reference's sequence
+    log-probs): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), summed / pairs in the step.
+    RPO: extra["nll"] per sequence = rpo_alpha / the step's chosen tokens for chosen answers, 0 for rejected ones,
+    so the added term is rpo_alpha x the chosen answers' mean token NLL over the step (TRL's rpo_alpha)."""
+    seq = ops.per_sequence(logps * weights, rows, n_rows)
+    ref = extra["ref"]
+    margin = (seq[0::2] - ref[0::2]) - (seq[1::2] - ref[1::2])
+    value = -ops.log_sigmoid(cfg.beta * margin).sum() / denominator
+    if cfg.rpo_alpha:
+        value = value - (logps * weights * extra["nll"][rows]).sum()
+    return value, {"reward_margin": (cfg.beta * margin).sum() / denominator,
+                   "pref_accuracy": ops.to_float(margin > 0).sum() / denominator}
+
+
 def pair_metrics(session, pairs: list[Pair], beta: float) -> dict:
     policy = sequence_logps(session, pairs)
     ref = np.array([p.ref for p in pairs])

@@ -156,6 +156,29 @@ def make_batch(session, items: list[PromptRow], cfg, rng) -> Batch:
                  per_sequence={"advantage": [float(a) for a in advantages]}, stats=stats)
 
 
+EPSILON = 0.2  # the ratio clip (TRL's default)
+
+
+def needs_reference_tokens(cfg) -> bool:
+    return bool(cfg.beta)  # the KL term needs the base model's log-prob of every sampled token
+
+
+def loss(ops, logps, weights, rows, n_rows: int, extra: dict, ref_tokens, cfg, denominator):
+    """Clipped policy-gradient objective per completion token with the sequence's group-normalised advantage
+    (extra["advantage"]), plus beta * KL(policy || reference) (the k3 estimator); summed / completion tokens in the
+    step. The sampling policy is this one (one update per sample batch), so the ratio is 1 in value and the clip
+    inactive, exactly as TRL with num_iterations=1."""
+    ratio = ops.exp(logps - ops.stop_gradient(logps))
+    adv = extra["advantage"][rows]
+    per_token = -ops.minimum(ratio * adv, ops.clip(ratio, 1 - EPSILON, 1 + EPSILON) * adv)
+    stats = {}
+    if cfg.beta and ref_tokens is not None:
+        kl = ops.exp(ref_tokens - logps) - (ref_tokens - logps) - 1
+        per_token = per_token + cfg.beta * kl
+        stats["kl"] = (kl * weights).sum() / denominator
+    return (per_token * weights).sum() / denominator, stats
+
+
 def evaluate_model(session, prepared: Prepared, cfg) -> EvalResult:
     """Mean reward per reward function and mean completion length, on greedy answers to held-out prompts."""
     items = prepared.eval_examples

@@ -61,6 +61,15 @@ def make_batch(session, items: list, cfg, rng) -> Batch:
     return Batch(NAME, list(items), denominator=float(sum(r.n_trained for r in items)))
 
 
+def needs_reference_tokens(cfg) -> bool:
+    return False
+
+
+def loss(ops, logps, weights, rows, n_rows: int, extra: dict, ref_tokens, cfg, denominator):
+    """Cross-entropy summed over the micro-batch's trained tokens / the step's trained tokens (see methods/__init__)."""
+    return -(logps * weights).sum() / denominator, {}
+
+
 def eval_loss(session, rows) -> float:
     """Mean cross-entropy per trained token: the training loss's function on held-out rows."""
     logps = session.token_logps(rows)
