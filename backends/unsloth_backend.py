@@ -2,19 +2,19 @@
 
 Only the model building differs from the torch backend: FastLanguageModel.from_pretrained (4-bit when the plan
 asks) and FastLanguageModel.get_peft_model with the same LoRA settings and layers; its for_training / for_inference
-switch around generation. unsloth is imported before transformers (train calls `before_transformers` first). The result is a PEFT model, so the step,
-the loss masks, evaluation, checkpoints and the saved PEFT adapter are the torch backend's own code
+switch around generation. unsloth is imported before transformers (train calls `before_transformers` first).
+The result is a PEFT model, so the step, the loss masks, evaluation, checkpoints and the saved PEFT adapter are the torch backend's own code
 (TorchSession with this builder). Chosen automatically on CUDA when `unsloth` is importable and knows the model
 type; `finetune doctor` says why not otherwise. Installed by `UNSLOTH=1 ./setup_environment.sh` into its own
-environment (.venv-unsloth): Unsloth pins transformers/trl below the versions this project pins.
+environment (.venv-unsloth) from requirements-unsloth.txt: Unsloth caps transformers/datasets/torch below this
+project's pins.
 """
 from __future__ import annotations
-
-from finetune.errors import first_line
 
 import importlib.util
 
 from backends.torch_backend import TorchSession, compute_dtype
+from finetune.errors import first_line
 
 # Model types Unsloth's FastLanguageModel patches (its README's list, families this project's template serves).
 MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "cohere", "granite"}

@@ -58,7 +58,7 @@ class Config:
     gradient_checkpointing: str = field(default="auto", metadata=_opt(
         "recompute activations to save memory", choices=("auto", "on", "off")))
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=("auto", "fp32", "bf16", "fp16")))
-    quantize: str = field(default="auto", metadata=_opt("4-bit base weights (QLoRA: bitsandbytes on CUDA, MLX quantization on mlx)", choices=("auto", "none", "4bit")))
+    quantize: str = field(default="auto", metadata=_opt("4-bit base weights (QLoRA: bitsandbytes on CUDA, MLX quantization on mlx; on the CPU only when asked, for testing)", choices=("auto", "none", "4bit")))
     val_split: float = field(default=0.1, metadata=_opt(
         "share of rows held out when the dataset has no validation split", lo=0, lo_open=True, hi=0.5))
     eval_rows: int = field(default=32, metadata=_opt("held-out rows scored for eval loss", lo=1))
