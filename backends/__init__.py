@@ -76,7 +76,10 @@ def get(name: str) -> Backend:
 
 def before_transformers(requested: str, hw: Hardware) -> None:
     for name in (names() if requested == "auto" else (requested,) if requested in names() else ()):
-        hook = getattr(get(name), "before_transformers", None)
+        try:
+            hook = getattr(get(name), "before_transformers", None)
+        except Exception:  # a plugin that cannot even import: select() reports backends, this only prepares them
+            continue
         if hook:
             hook(hw)
 
