@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,13 +31,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from backends.torch_backend import process_peak_gb  # noqa: E402  (VmHWM: the same peak a run reports)
+
 EVAL_ROWS, SEED, RANK, ALPHA, DROPOUT = 64, 42, 16, 32, 0.0
 MODEL = "smollm2-135m-offline"
 TORCH_VARIANTS = ["trl-defaults", "plain-loop", "finetune"]
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def matmul_peak() -> dict:
@@ -213,7 +210,7 @@ def one(args) -> None:
     setup_torch()
     model, tok, splits, rows, held = workload(args.model)
     out = RUNNERS[args.variant](args, model, tok, splits, rows, held)
-    out.setdefault("peak_gb", peak_rss_gb())
+    out.setdefault("peak_gb", process_peak_gb())
     out.setdefault("tokens_per_s", out["tokens"] / out["seconds"])
     print("RESULT " + json.dumps(out))
 
