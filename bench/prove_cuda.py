@@ -333,7 +333,7 @@ PLAN_KEYS = ("backend", "device", "batch_size", "grad_accum", "dtype", "quantize
              "gradient_checkpointing", "predicted_peak_gb", "breakdown_gb", "budget_gb", "est_seconds",
              "est_tokens_per_s", "max_steps")
 RESULT_KEYS = ("train_seconds", "steps", "tokens_seen", "tokens_per_s", "final_train_loss", "peak_memory_gb",
-               "total_seconds", "oom_events", "extra")
+               "total_seconds", "oom_events", "skipped_steps", "extra")
 
 
 def train(name: str, model: str, steps: int, timeout: float, need: float = 40, **settings) -> dict | None:
@@ -446,6 +446,8 @@ def main() -> None:
     simple("build_models", [PY, os.path.abspath(__file__), "--build"], 20, 150)
     imports = ((env or {}).get("data") or {}).get("imports", {})
     small = TINY if CPU else SMALL
+    # the dtypes each setting really computes in (bf16 / fp16 / 4-bit), one step each; also warms the GPU up
+    simple("dtypes", [PY, os.path.join(ROOT, "bench", "prove_cuda_dtypes.py"), small, "cpu" if CPU else "cuda"], 20, 120)
     big = TINY if CPU else BIG if os.path.isdir(BIG) else SMALL
     if big == SMALL:
         SUMMARY["notes"].append("the 1.1B shape was not built: its runs used the 135M shape")
@@ -514,6 +516,8 @@ def print_table() -> None:
               f"{(d.get('choice') or {}).get('device')} | nvidia-smi: {str(d.get('nvidia_smi', '')).replace(chr(10), ' / ')}")
     b = p.get("build_models") or {}
     print(f"build_models: {b.get('status')} {json.dumps(b.get('data'))}")
+    for r in ((p.get("dtypes") or {}).get("data") or {}).get("runs", []):
+        print("dtypes: " + json.dumps(r))
     bad = {k: v for k, v in p.items() if v.get("status") not in ("ok",) or
            v.get("run_status") not in (None, "completed")}
     if bad:  # before the tables, so that the tables stay inside the last 12,000 characters shown
@@ -524,11 +528,11 @@ def print_table() -> None:
             if v.get("tail"):
                 lines = [x[:200] for x in tail(v["tail"], 6).splitlines()]
                 print("    " + "\n    ".join(lines))
-    print("\n| part | status | s | dtype | attn | 4bit | ckpt | optim | batch x ga | tok/s | pred GB | peak GB | est s | "
-          "train s | eval loss before -> after |")
-    print("|---|---|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|")
+    print("\n| part | status | s | dtype | attn | 4bit | ckpt | optim | batch x ga | tok/s | pred GB | peak GB alloc / reserved | est s | "
+          "train s | skipped | eval loss before -> after |")
+    print("|---|---|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name, e in p.items():
-        if name in ("env", "doctor", "build_models") or name.startswith("speed_") and name != "speed_finetune":
+        if name in ("env", "doctor", "build_models", "dtypes") or name.startswith("speed_") and name != "speed_finetune":
             continue
         pl, rs, ev = e.get("plan") or {}, e.get("result") or {}, e.get("eval") or {}
         evs = "-"
@@ -538,8 +542,8 @@ def print_table() -> None:
         print(f"| {name} | {status} | {_f(e.get('seconds'), '{:.0f}')} | {_f(pl.get('dtype'))} | {_f(pl.get('attention'))} | "
               f"{_f(pl.get('quantize'))} | {_f(pl.get('gradient_checkpointing'))} | {_f(pl.get('optimizer'))} | "
               f"{_f(pl.get('batch_size'))} x {_f(pl.get('grad_accum'))} | {_f(rs.get('tokens_per_s'), '{:,.0f}')} | "
-              f"{_f(pl.get('predicted_peak_gb'))} | {_f(rs.get('peak_memory_gb'))} | {_f(pl.get('est_seconds'), '{:.1f}')} | "
-              f"{_f(rs.get('train_seconds'), '{:.1f}')} | {evs} |")
+              f"{_f(pl.get('predicted_peak_gb'))} | {_f(rs.get('peak_memory_gb'))} / {_f((rs.get('extra') or {}).get('peak_reserved_gb'))} | "
+              f"{_f(pl.get('est_seconds'), '{:.1f}')} | {_f(rs.get('train_seconds'), '{:.1f}')} | {_f(rs.get('skipped_steps'))} | {evs} |")
     print("\n| speed (same work: %d steps x batch %d, lr %g, r16) | status | tokens/s | vs TRL | peak GB | notes |"
           % (SPEED["steps"], SPEED["batch"], SPEED["lr"]))
     print("|---|---|---:|---:|---:|---|")
