@@ -192,9 +192,12 @@ class TorchSession:
         self.scaler = torch.amp.GradScaler(self.device) if self.dtype == torch.float16 else None
         self.model.eval()
         self._mps_peak = 0.0
+        self._cuda_runtime_gb = None
         if self.device == "cuda":  # the peak of training, from here: loading's transients are not the run's
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            free, total = torch.cuda.mem_get_info()  # what the device holds beyond torch's allocator: the context
+            self._cuda_runtime_gb = max(0.0, (total - free - torch.cuda.memory_reserved()) / GB)
 
     # ---------------------------------------------------------------- the forward pass that matters
     def _autocast(self):
@@ -428,8 +431,10 @@ class TorchSession:
         out = {"trainable_params": sum(p.numel() for p in self.params), "logits": "trained positions only" if self.fast
                else "full (model forward)", "peak_memory_source": source.get(self.device, "process peak RSS"),
                "attention": self.base.config._attn_implementation}
-        if self.device == "cuda":  # what the caching allocator held at most: what nvidia-smi shows
+        if self.device == "cuda":  # what the caching allocator held at most; with the context, what nvidia-smi shows
             out["peak_reserved_gb"] = round(_torch().cuda.max_memory_reserved() / GB, 3)
+            out["cuda_runtime_gb"] = round(self._cuda_runtime_gb, 3)
+            out["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         return out
 
     def peak_memory_gb(self) -> float:

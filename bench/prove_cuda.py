@@ -446,6 +446,8 @@ def main() -> None:
     simple("build_models", [PY, os.path.abspath(__file__), "--build"], 20, 150)
     imports = ((env or {}).get("data") or {}).get("imports", {})
     small = TINY if CPU else SMALL
+    if os.environ.get("GPU_PROBE_SET") == "calibrate":
+        return calibrate(small, TINY if CPU else BIG)
     # the dtypes each setting really computes in (bf16 / fp16 / 4-bit), one step each; also warms the GPU up
     simple("dtypes", [PY, os.path.join(ROOT, "bench", "prove_cuda_dtypes.py"), small, "cpu" if CPU else "cuda"], 20, 120)
     big = TINY if CPU else BIG if os.path.isdir(BIG) else SMALL
@@ -487,6 +489,28 @@ def main() -> None:
     train("bf16_ckpt_on", big, short, 120, GRADIENT_CHECKPOINTING="on")
     SUMMARY["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     save()
+    print_table()
+
+
+def calibrate(small: str, big: str) -> None:
+    """GPU_PROBE_SET=calibrate: the planner's CUDA constants, fitted on the default set's runs, checked on work they
+    were not fitted on (longer rows, other trained shares, multi-turn), plus why fp16 is slower (a profile)."""
+    from bench import workloads
+
+    simple("profile_fp16", [PY, os.path.join(ROOT, "bench", "prove_cuda_dtypes.py"), "--profile", big,
+                            "cpu" if CPU else "cuda"], 30, 120)
+    folder = os.path.join(WORK, "data")
+    long_rows, multiturn = workloads.write("long", folder), workloads.write("multiturn", folder)
+    n = 2 if CPU else 20
+    train("long_bf16", big, n, 90, DATASET=long_rows, MAX_SEQ_LENGTH="512")
+    train("long_4bit_ckpt_on", big, n, 90, DATASET=long_rows, MAX_SEQ_LENGTH="512", QUANTIZE="4bit",
+          GRADIENT_CHECKPOINTING="on")
+    train("multiturn_bf16_ckpt_on", big, n, 90, DATASET=multiturn, MAX_SEQ_LENGTH="512", GRADIENT_CHECKPOINTING="on")
+    train("4bit_ckpt_off", big, n, 90, QUANTIZE="4bit", GRADIENT_CHECKPOINTING="off")
+    SUMMARY["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    save()
+    for r in ((SUMMARY["parts"].get("profile_fp16") or {}).get("data") or {}).get("profile", []):
+        print("profile: " + json.dumps(r))
     print_table()
 
 

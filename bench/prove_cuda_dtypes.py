@@ -5,6 +5,7 @@ block, LoRA A matmul and the lm_head, runs one real SFT step and prints, as `PRO
 seen, the 4-bit layers' compute dtype, whether a loss scaler is on and the attention kernel loaded. This is the GPU
 twin of tests/test_qlora_cpu.py's dtype assertions (issue: 4-bit used to compute in fp32).
     python bench/prove_cuda_dtypes.py MODEL_DIR [cuda|cpu]
+    python bench/prove_cuda_dtypes.py --profile MODEL_DIR [cuda|cpu]   bf16 vs fp16 step times and their top ops
 """
 from __future__ import annotations
 
@@ -67,7 +68,66 @@ def probe(model_dir: str, device: str, dtype: str, quantize: str) -> dict:
             "skipped": bool(out.get("skipped")), "seconds": round(time.time() - t, 1), **q}
 
 
+def profile(model_dir: str, device: str, dtype: str, steps: int = 6) -> dict:
+    """Median step time of batch-16 sample rows, then the ops taking most self time (CPU and device) over 3 steps:
+    why fp16 ran 2.7x slower than bf16 on the H200 (twice, unexplained)."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from backends.torch_backend import TorchSession
+    from finetune import models
+    from finetune.config import Config
+    from finetune.methods import sft
+    from finetune.plan import Plan
+    from finetune.template import Example, encode
+
+    info, _ = models.resolve(model_dir, user_named_it=True)
+    tok = models.load_tokenizer(info)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "data", "sample", "train.jsonl")) as fh:
+        rows = [encode(Example(messages=json.loads(line)["messages"]), tok, 512) for line, _ in zip(fh, range(16))]
+    plan = Plan(backend="torch", device=device, method="sft", batch_size=16, grad_accum=1, max_seq_length=512,
+                max_steps=steps, eval_steps=steps, save_steps=steps, gradient_checkpointing=False, dtype=dtype,
+                quantize="none", memory_kind="vram", memory_total_gb=80, budget_gb=60, predicted_peak_gb=1)
+    s = TorchSession(Config(), plan, info, tok)
+    batch = sft.make_batch(None, rows, Config(), None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(steps):
+        sync()
+        t = time.perf_counter()
+        s.train_step(batch, 16, 2e-4)
+        sync()
+        times.append(time.perf_counter() - t)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(3):
+            s.train_step(batch, 16, 2e-4)
+        sync()
+    ev = prof.key_averages()
+    top_cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    dev_attr = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
+    top_dev = sorted(ev, key=lambda e: getattr(e, dev_attr, 0), reverse=True)[:8]
+    return {"dtype": dtype, "step_s": [round(x, 3) for x in times], "median_step_s": round(statistics.median(times[2:]), 4),
+            "top_self_cpu_ms": [(e.key[:60], round(e.self_cpu_time_total / 1e3 / 3, 2), e.count // 3) for e in top_cpu],
+            "top_self_device_ms": [(e.key[:60], round(getattr(e, dev_attr, 0) / 1e3 / 3, 2), e.count // 3) for e in top_dev],
+            "scaler": s.scaler is not None}
+
+
 def main() -> None:
+    if sys.argv[1] == "--profile":
+        model_dir, device = sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else "cuda")
+        out = []
+        for dtype in ("bf16", "fp16", "bf16") if device == "cuda" else ("bf16",):
+            try:
+                out.append(profile(model_dir, device, dtype))
+            except Exception as err:
+                out.append({"dtype": dtype, "error": f"{type(err).__name__}: {err}"[:400]})
+        print("PROBE_JSON " + json.dumps({"device": device, "profile": out}))
+        return
     model_dir, device = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "cuda")
     results = []
     for dtype, quantize in (("bf16", "none"), ("bf16", "4bit"), ("fp16", "none"), ("fp16", "4bit")):

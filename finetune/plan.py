@@ -36,10 +36,18 @@ ACT_H, ACT_I, ACT_KV = 8, 4, 2
 # (unmeasured here: no GPU was available; MLX reports its own peak in run.json).
 CPU_ACT_BYTES = {"fp32": 5.9, "bf16": 3.25}
 CPU_CKPT_BYTES = {"fp32": 27.5, "bf16": 2.8}
-LOGIT_BYTES = 33
+LOGIT_BYTES = {"cpu": 33, "cuda": 10}  # CUDA: bf16 logits + fp32 log-softmax + fp32 gradient
+# CUDA: fitted on one H200 (bench/prove_cuda.sh, 2026-11-30: a 1.1B Llama shape and SmolLM2-135M, batch 16 of
+# ~100-token rows, bf16 / 4-bit x checkpointing) against torch's allocator peak (max_memory_allocated). 16-bit
+# keeps ~1.2x the compute dtype's bytes per activation element; 4-bit adds the fp32 residual stream.
+CUDA_ACT_BYTES = {"16bit": 2.45, "4bit": 3.6}
 EAGER_SCORE_BYTES = 8   # eager attention keeps scores + probabilities (heads x seq x seq) for backward
-# Fixed runtime: python + torch + transformers (CPU: fitted, 0.49 GB), the CUDA context, the Metal/MLX runtime.
-OVERHEAD_GB = {"cpu": 0.49, "cuda": 0.8, "mps": 0.6, "mlx": 0.3}
+# Fixed runtime inside the measured peak: python + torch + transformers (CPU: fitted, 0.49 GB); CUDA: cuBLAS
+# workspaces and small buffers in torch's allocator (fitted, H200); the Metal/MLX runtime.
+OVERHEAD_GB = {"cpu": 0.49, "cuda": 0.12, "mps": 0.6, "mlx": 0.3}
+# The CUDA context (kernels, cuBLAS handles) lives outside torch's allocator, so outside the measured peak: it is
+# taken off the VRAM budget instead. torch 2.11 + cu130 on an H200.
+CUDA_CONTEXT_GB = 0.6
 
 # Budgets: the share of memory a plan may use.
 APPLE_SHARE, APPLE_OS_RESERVE_GB = 0.70, 3.0  # macOS caps GPU-wired memory at ~75% of RAM by default,
@@ -54,8 +62,7 @@ TARGET_EFFECTIVE_BATCH = 16
 BATCH_CANDIDATES = (1, 2, 4, 8, 16)
 
 # Peak 16-bit dense FLOP/s (tensor cores). Matched on the device name; order matters only for clarity.
-# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets (not measured here: no GPU was available to us;
-# EFFICIENCY_GPU below is the guess that a GPU session must calibrate, see README "Measured").
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets; EFFICIENCY_GPU below was checked on an H200 only.
 CUDA_PEAK = ((r"H200", 989e12), (r"H100", 989e12), (r"A100", 312e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
              (r"A10G", 125e12), (r"4090", 165e12), (r"\bT4\b", 65e12))
 CUDA_PEAK_FALLBACK = 50e12
@@ -75,9 +82,9 @@ CPU_BF16_MIN_PARAMS = 4_000_000
 STEP_OVERHEAD_S = {"cpu": 0.3, "cuda": 0.0, "mps": 0.05, "mlx": 0.05}
 # CUDA: eager PyTorch dispatches every op of every layer from Python (LoRA adds ~3 per linear), so a small model's
 # step is launch-bound, by layer count rather than size. Measured on an H200 (bench/prove_cuda.sh, 2026-11-30):
-# 0.28 s per micro-batch of 16 for SmolLM2 (30 layers), 0.22 s for a 1.1B Llama shape (16 layers), with the
-# matmuls themselves ~0.02 s: ~0.01 s per layer and micro-batch.
-CUDA_LAYER_OVERHEAD_S = 0.01
+# 0.23-0.28 s per micro-batch of 16 for SmolLM2 (30 layers), 0.18 s for a 1.1B Llama shape (16 layers), with the
+# matmuls themselves ~0.02 s: ~0.0095 s per layer and micro-batch (tests/test_plan.py holds the 8 runs, all +-30 %).
+CUDA_LAYER_OVERHEAD_S = 0.0095
 # The first step also pays for allocating (page-faulting) the activation memory and creating the matmul kernels:
 # on the CPU it costs ~2.5 ordinary steps (bench/planner.py: 5-step cells vs 30-step bench/speed.py runs).
 WARMUP_STEPS = {"cpu": 1.5}
@@ -88,8 +95,9 @@ CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # run itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
 # 2026-11-30, bench/quality.py's runs came within 1-15 %). bf16 was fitted under load at 0.47 eager / 0.37 flash:
 # on a quiet machine the default run then took 200 s for 279 s predicted, under load 279 s; x1.19 puts the
-# estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35 is still a guess (the H200 runs were launch-bound,
-# not FLOP-bound: CUDA_LAYER_OVERHEAD_S above carries their time).
+# estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35; on the H200 the one run with real compute in it
+# (1.1B shape, 16 x 404-token rows) spent ~1.5 s beyond the launch overhead on 4.7e14 FLOPs: 0.31 of the datasheet
+# peak (the measured bf16 matmul peak there: 783 TFLOP/s). Other GPUs: unmeasured.
 EFFICIENCY_GPU = 0.35
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
@@ -163,8 +171,12 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
     tokens = batch * seq
     elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
     # 4-bit on a GPU is the CPU's mix: bf16/fp16 matmuls under autocast, an fp32 residual stream and norms (kbit prep)
-    mixed = device == "cpu" or quantize == "4bit"
-    act_bytes = CPU_ACT_BYTES["fp32" if dtype == "fp32" else "bf16"] if mixed else nbytes
+    if device == "cuda" and dtype != "fp32":
+        act_bytes = CUDA_ACT_BYTES["4bit" if quantize == "4bit" else "16bit"]
+    elif device == "cpu" or quantize == "4bit":
+        act_bytes = CPU_ACT_BYTES["fp32" if dtype == "fp32" else "bf16"]
+    else:
+        act_bytes = nbytes
     one_layer = tokens * elements * act_bytes
     if device == "mps" or attention == "eager":  # the heads*seq*seq scores are kept for backward
         one_layer += batch * model.num_heads * seq * seq * (EAGER_SCORE_BYTES if device == "cpu" else nbytes)
@@ -178,7 +190,7 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
         "lora": lora_params * LORA_BYTES / GB,
         "optimizer": lora_params * ADAM_BYTES / GB,
         "activations": activations / GB,
-        "logits": tokens * trained_share * model.vocab_size * LOGIT_BYTES / GB,
+        "logits": tokens * trained_share * model.vocab_size * LOGIT_BYTES.get(device, LOGIT_BYTES["cpu"]) / GB,
         "overhead": OVERHEAD_GB.get(device, OVERHEAD_GB["cpu"]),
     }
     parts["total"] = sum(parts.values())
@@ -196,7 +208,7 @@ def memory_budget(hw: Hardware, device: str) -> tuple[str, float, float]:
         return "unified", total, max(0.0, min(total * APPLE_SHARE, total - APPLE_OS_RESERVE_GB))
     if device == "cuda":
         total = hw.cuda_devices[0].vram_gb if hw.cuda_devices else 0.0
-        return "vram", total, total * CUDA_SHARE
+        return "vram", total, max(0.0, total * CUDA_SHARE - CUDA_CONTEXT_GB)
     # CPU, and mlx[cpu] on Linux: what is free now matters, other programs hold the rest.
     total = hw.ram_total_gb
     budget = total * CPU_TOTAL_SHARE
@@ -291,7 +303,8 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         reasons.append(f"memory planned for the longest row, {seq} tokens (MAX_SEQ_LENGTH={cfg.max_seq_length} "
                        "only truncates; batches are padded to their longest row)")
     kind, total, budget = memory_budget(hw, device)
-    reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}")
+    reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}" + (
+        f" (less {CUDA_CONTEXT_GB} GB for the CUDA context, which torch's peak does not count)" if device == "cuda" else ""))
 
     attention = "eager" if device == "cpu" and seq <= EAGER_MAX_TOKENS else "sdpa"
     if attention == "sdpa" and backend != "mlx" and not models.supports_sdpa(model.architecture):

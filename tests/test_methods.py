@@ -127,3 +127,15 @@ def test_check_data_and_train_agree_on_the_shipped_samples(run_env):
         lr = {"sft": "0.0002                           <- default ", "dpo": "2e-05                            <- dpo default",
               "grpo": "5e-05                            <- grpo default"}[method]
         assert f"learning_rate            {lr}" in planned.stdout, planned.stdout[:3000]
+
+
+def test_grpo_with_no_eval_generations_trains_and_says_there_is_no_evaluation(run_env, tmp_path):
+    # found on the GPU: EVAL_GENERATIONS=0 scored zero completions and the default exact_match reward then
+    # refused the data for having "no answer column"
+    out = tmp_path / "g0"
+    result = run_cli([], tiny(run_env, out, METHOD="grpo", DATASET="data/sample_grpo", EVAL_GENERATIONS="0",
+                              MAX_STEPS="1", BATCH_SIZE="2", GRAD_ACCUM="1", NUM_GENERATIONS="2"))
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-1500:]
+    run = json.load(open(out / "run.json"))
+    assert run["status"] == "completed" and run["evaluation"]["after"]["metrics"] == {}
+    assert run["config"]["reward"] == "json_format,exact_match"

@@ -182,6 +182,8 @@ def loss(ops, logps, weights, rows, n_rows: int, extra: dict, ref_tokens, cfg, d
 def evaluate_model(session, prepared: Prepared, cfg) -> EvalResult:
     """Mean reward per reward function and mean completion length, on greedy answers to held-out prompts."""
     items = prepared.eval_examples
+    if not items:  # EVAL_GENERATIONS=0: GRPO's evaluation is its generations, so there is nothing to score
+        return EvalResult(eval_loss=None, metrics={})
     completions = session.generate([p.ids for p in items], cfg.max_new_tokens)
     total, per_fn, texts = score_completions(session, items, completions, 1, cfg)
     metrics = {"reward": float(total.mean()), **per_fn,
