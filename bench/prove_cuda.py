@@ -486,10 +486,27 @@ def main() -> None:
         train("fp16", big, short, 120, DTYPE="fp16")
     if not CPU and bnb_ok:
         train("4bit_ckpt_off", big, short, 120, QUANTIZE="4bit", GRADIENT_CHECKPOINTING="off")
+    unsloth_parts(big, short)
     train("bf16_ckpt_on", big, short, 120, GRADIENT_CHECKPOINTING="on")
     SUMMARY["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     save()
     print_table()
+
+
+def unsloth_parts(big: str, steps: int) -> None:
+    """Unsloth 16-bit (the speed workload, so it joins the speed table) and 4-bit, where `import unsloth` works:
+    it needs its own stack (requirements-unsloth.txt), which the default carried set does not hold."""
+    probe = subprocess.run([PY, "-c", "import unsloth; print(unsloth.__version__)"], capture_output=True, text=True,
+                           timeout=120, env=base_env()) if not CPU else None
+    if probe is None or probe.returncode != 0:
+        why = "CPU dry mode" if probe is None else (probe.stderr.strip().splitlines() or ["?"])[-1][:200]
+        for name in ("speed_unsloth", "unsloth_4bit"):
+            record(name, {"status": "skipped", "reason": f"not run: unsloth does not import here ({why})"})
+        return
+    train("speed_unsloth", big, SPEED["steps"], 180, need=60, BACKEND="unsloth", QUANTIZE="none",
+          BATCH_SIZE=SPEED["batch"], GRAD_ACCUM=1, LEARNING_RATE=SPEED["lr"], LORA_R=16, LORA_ALPHA=32,
+          LORA_DROPOUT=0.0, EVAL_ROWS=8)
+    train("unsloth_4bit", big, steps, 180, need=60, BACKEND="unsloth", QUANTIZE="4bit")
 
 
 def calibrate(small: str, big: str) -> None:
@@ -556,7 +573,8 @@ def print_table() -> None:
           "train s | skipped | eval loss before -> after |")
     print("|---|---|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name, e in p.items():
-        if name in ("env", "doctor", "build_models", "dtypes") or name.startswith("speed_") and name != "speed_finetune":
+        if name in ("env", "doctor", "build_models", "dtypes") or name.startswith("speed_") and name not in (
+                "speed_finetune", "speed_unsloth"):
             continue
         pl, rs, ev = e.get("plan") or {}, e.get("result") or {}, e.get("eval") or {}
         evs = "-"
@@ -572,12 +590,12 @@ def print_table() -> None:
           % (SPEED["steps"], SPEED["batch"], SPEED["lr"]))
     print("|---|---|---:|---:|---:|---|")
     trl_tps = ((p.get("speed_trl_defaults") or {}).get("data") or {}).get("tokens_per_s")
-    for name in ("speed_trl_defaults", "speed_plain_loop", "speed_finetune"):
+    for name in ("speed_trl_defaults", "speed_plain_loop", "speed_finetune", "speed_unsloth"):
         e = p.get(name) or {}
-        if name == "speed_finetune":
+        if name in ("speed_finetune", "speed_unsloth"):
             rs, pl = e.get("result") or {}, e.get("plan") or {}
             tps, peak = rs.get("tokens_per_s"), rs.get("peak_memory_gb")
-            notes = f"finetune train: {pl.get('dtype')}, ckpt {pl.get('gradient_checkpointing')}, attn {pl.get('attention')}"
+            notes = f"finetune train{' BACKEND=unsloth' if name == 'speed_unsloth' else ''}: {pl.get('dtype')}, ckpt {pl.get('gradient_checkpointing')}, attn {pl.get('attention')}"
         else:
             dd = e.get("data") or {}
             tps, peak, notes = dd.get("tokens_per_s"), dd.get("peak_gb"), dd.get("notes", "")

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+
+import pytest
 
 from tests.conftest import ROOT, run_cli
 
@@ -36,3 +39,16 @@ def test_run_sh_passes_commands_through(run_env):
     result = subprocess.run([f"{ROOT}/run.sh", "doctor", "--json"], env=run_env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "hardware" in json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("user_value", [None, "backend:cudaMallocAsync"])
+def test_cuda_allocator_grows_segments_unless_the_user_set_it(monkeypatch, user_value):
+    # on the H200 a 4-bit run's reserved memory was 45 % above its allocated peak without expandable segments
+    from finetune import cli
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    if user_value:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_value)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user_value or "expandable_segments:True")
