@@ -19,6 +19,10 @@
 #   Call 2: carry [".gpu/site.tar.xz", ".gpu/smollm2-tok", ".gpu/smollm2.gguf.part2"]  (~58.5 MiB with the repo)
 #           command: bash bench/prove_cuda.sh          (run timeout_s 480; GPU_PROBE_BUDGET=420 by default)
 #   Without the GGUF: carry [".whl", ".gpu/smollm2-tok"] (~35 MiB) or [".gpu/site.tar.xz", ".gpu/smollm2-tok"].
+# GPU_PROBE_SET=calibrate: instead of the default set, the planner checked on rows it was not fitted on (long,
+#   multiturn) + a bf16-vs-fp16 step profile (~4 min; needs no GGUF: carry [".gpu/site.tar.xz", ".gpu/smollm2-tok"]).
+# Bring back at most 8 files from $OUT (the device tool's limit): summary.json, runs_full.json and log.txt hold all;
+#   per-part logs are in $GPU_PROBE_WORK/logs (tar them into one file if wanted).
 # Env: OUT (result folder), PYTHON (default python3), GPU_PROBE_BUDGET (s, default 420, counted from the start of
 # this script), GPU_PROBE_CPU=1 (local dry mode: no install, CPU, 135M shape, 2 steps).
 set -u
