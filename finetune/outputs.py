@@ -22,7 +22,7 @@ from finetune import fsio
 from finetune.errors import UserError
 
 BANNER_WIDTH = 80
-PERCENT_METRICS = ("exact_match", "valid_format", "pref_accuracy")
+PERCENT_METRICS = ("exact_match", "valid_format")  # and every "*accuracy" a method reports
 
 
 def banner(text: str, width: int = BANNER_WIDTH) -> str:
@@ -180,7 +180,7 @@ def _quote(text: str) -> str:
 def metric_text(key: str, value) -> str:
     if value is None:
         return "-"
-    return f"{value:.1%}" if key in PERCENT_METRICS else f"{value:.3f}"
+    return f"{value:.1%}" if key in PERCENT_METRICS or key.endswith("accuracy") else f"{value:.3f}"
 
 
 def report_text(run: dict, before: dict, after: dict) -> str:
@@ -207,7 +207,9 @@ def report_text(run: dict, before: dict, after: dict) -> str:
         "| metric | starting adapter | after training |" if run.get("chain") else "| metric | base model | with adapter |",
         "|---|---|---|",
     ]
-    loss_label = {"sft": "eval loss (per trained token)", "dpo": "eval loss (DPO, per pair)"}.get(cfg["method"], "eval loss")
+    from finetune import methods  # the method names its own eval loss (a new method touches no file here)
+
+    loss_label = getattr(methods.get(cfg["method"]), "EVAL_LOSS_LABEL", "eval loss")
     if before.get("eval_loss") is not None:
         lines.append(f"| {loss_label} | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |")
     n = len(before["generations"])

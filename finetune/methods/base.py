@@ -18,7 +18,8 @@ class Method(Protocol):
     NAME: str          # the METHOD value
     SAMPLE_DIR: str    # the shipped sample data (DATASET=sample)
     # Optional: LEARNING_RATE -- this method's default when LEARNING_RATE is not set (preference losses need a far
-    # smaller one than SFT); `defaults(cfg, prepared) -> dict` -- other auto settings it decides (beta, rpo_alpha).
+    # smaller one than SFT); `defaults(cfg, prepared) -> dict` -- other auto settings it decides (beta, rpo_alpha);
+    # EVAL_LOSS_LABEL -- what its eval loss is, for the report. Metrics named "*accuracy" are shown as percents.
 
     def read(self, cfg) -> Rows: ...                                 # read + validate every row, before any weights
     def prepare(self, rows: Rows, tokenizer, cfg) -> Prepared: ...   # token ids and loss masks (finetune.template)

@@ -22,6 +22,7 @@ from finetune.shapes import Problem, row_problems
 from finetune.template import Encoded, encode
 
 NAME = "dpo"
+EVAL_LOSS_LABEL = "eval loss (DPO, per pair)"
 SAMPLE_DIR = DPO_DIR
 DEFAULT_BETA = 0.1
 # RPO_ALPHA unset: the chosen answers' NLL is added at weight 1 (RPO; TRL's rpo_alpha, whose default is off).

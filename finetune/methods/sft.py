@@ -8,6 +8,7 @@ from finetune.methods import Batch, EvalResult, Prepared, Rows
 from finetune.template import encode_all
 
 NAME = "sft"
+EVAL_LOSS_LABEL = "eval loss (per trained token)"
 SAMPLE_DIR = data.SAMPLE_DIR
 SEQUENCES_PER_ITEM = 1
 
