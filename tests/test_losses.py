@@ -9,7 +9,7 @@ import torch
 
 from backends import torch_ops
 from finetune.config import Config
-from finetune.methods import Batch, dpo, grpo, reference, sft
+from finetune.methods import Batch, dpo, grpo, orpo, reference, sft
 from finetune.template import IGNORE, Encoded
 
 RNG = np.random.default_rng(0)
@@ -135,6 +135,42 @@ def test_no_backend_names_a_method():
         text = open(os.path.join(ROOT, "backends", name)).read()
         for method in methods.NAMES:
             assert f'"{method}"' not in text and f"'{method}'" not in text, (name, method)
+
+
+@pytest.mark.parametrize("micro,overhead", [(1, None), (2, None), (3, None), (2, 1.0)])
+def test_orpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhead):
+    """The chosen answers' mean token NLL over the step + beta x the mean odds-ratio loss, however the step is split."""
+    from finetune.methods import micro_batches
+
+    pairs, token_logps = _rpo_pairs()
+    by_seq = {id(s): t for p, (tc, tr) in zip(pairs, zip(token_logps[0::2], token_logps[1::2]))
+              for s, t in ((p.chosen, tc), (p.rejected, tr))}
+    batch = orpo.make_batch(None, pairs, Config(beta=0.2), None)
+    total, accuracy = 0.0, 0.0
+    for chunk, extra in micro_batches(batch, micro, overhead):
+        tokens = np.concatenate([by_seq[id(s)] for s in chunk])
+        rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
+        f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        loss, parts = torch_loss(orpo, f64(tokens), rows, len(chunk), {k: f64(v) for k, v in extra.items()},
+                                 batch.denominator, beta=0.2)
+        total += float(loss)
+        accuracy += float(parts["pref_accuracy"])
+    assert total == pytest.approx(reference.orpo_step_loss(token_logps[0::2], token_logps[1::2], 0.2), rel=1e-9)
+    means = [float(np.mean(t)) for t in token_logps]
+    assert accuracy == pytest.approx(np.mean([c > r for c, r in zip(means[0::2], means[1::2])]))
+
+
+def test_orpo_loss_by_hand():
+    # mean log-probs log(0.8) and log(0.2): odds 4 and 1/4, log odds ratio log 16; beta 1: -log sigmoid(log 16)
+    got = reference.orpo_losses([np.log(0.8)], [np.log(0.2)], 1.0)[0]
+    assert got == pytest.approx(-np.log(16 / 17))
+    # a fully confident chosen answer (mean log-prob 0) stays finite
+    assert np.isfinite(reference.orpo_losses([0.0], [-1.0], 0.1)).all()
+    t = torch.zeros(4, dtype=torch.float64, requires_grad=True)  # every token certain: log(1 - 1) is clipped
+    loss, _ = torch_loss(orpo, t, torch.tensor([0, 0, 1, 1]), 2, {"nll": torch.tensor([0.5, 0.0], dtype=torch.float64),
+                         "n_tokens": torch.tensor([2.0, 2.0], dtype=torch.float64)}, 1.0, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(t.grad).all()
 
 
 mx = pytest.importorskip("mlx.core")
@@ -264,6 +300,25 @@ def test_torch_and_mlx_give_the_same_dpo_loss_on_the_same_weights(torch_session,
     owner = np.concatenate([[i] * len(x) for i, x in enumerate(lp_m)])
     loss_m, _ = mlx_loss(dpo, toks, np.ones(len(toks)), owner, 8, {"ref": ref, "nll": np.zeros(8)}, 4.0, beta=0.1)
     assert float(loss_m) == pytest.approx(loss_t, abs=1e-4)
+
+
+def test_torch_and_mlx_give_the_same_orpo_loss_on_the_same_weights(torch_session, tiny_model, tokenizer, rows):
+    from backends.mlx_backend import MLXSession
+    from finetune import models
+
+    info = models.info_from_config("finetune/tiny-qwen2", tiny_model, models._read_config(tiny_model), is_tiny=True)
+    mlx_session = MLXSession(Config(lora_dropout=0.0, beta=0.1), _plan(backend="mlx", device="mlx"), info, tokenizer)
+    seqs = rows[:8]
+    lp_t, lp_m = torch_session.token_logps(seqs), mlx_session.token_logps(seqs)
+    want = reference.orpo_step_loss(lp_t[0::2], lp_t[1::2], 0.1)
+    extra = {"nll": np.array([1.0 / sum(len(x) for x in lp_m[0::2]), 0.0] * 4),
+             "n_tokens": np.array([len(x) for x in lp_m], np.float64)}
+    toks = np.concatenate(lp_m).astype(np.float32)
+    owner = np.concatenate([[i] * len(x) for i, x in enumerate(lp_m)])
+    loss_m, _ = mlx_loss(orpo, toks, np.ones(len(toks)), owner, 8, extra, 4.0, beta=0.1)
+    assert float(loss_m) == pytest.approx(want, abs=1e-4)
+    loss_t, _ = torch_loss(orpo, np.concatenate(lp_t), owner, 8, extra, 4.0, beta=0.1)
+    assert float(loss_t) == pytest.approx(want, rel=1e-6)
 
 
 def test_encoded_length_is_its_tokens():

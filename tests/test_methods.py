@@ -50,6 +50,24 @@ def test_dpo_chained_after_sft(backend, sft_run, run_env, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_orpo_trains_from_the_base_model_in_one_stage(backend, run_env, tmp_path):
+    """No ADAPTER and no reference: ORPO starts from the base model; its defaults, metrics and report."""
+    out = tmp_path / "orpo"
+    result = run_cli([], tiny(run_env, out, METHOD="orpo", DATASET="sample", MAX_STEPS="2", BATCH_SIZE="2",
+                              GRAD_ACCUM="1", BACKEND=backend, LOGGING_STEPS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.load(open(out / "run.json"))
+    assert run["config"]["beta"] == 0.1 and run["settings"]["beta"]["source"] == "orpo default"
+    assert run["config"]["learning_rate"] == 5e-5 and not run.get("chain")
+    before, after = run["evaluation"]["before"], run["evaluation"]["after"]
+    assert {"pref_accuracy", "reward_margin"} <= set(after["metrics"]) and after["eval_loss"] < before["eval_loss"]
+    logged = [m for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m]
+    assert logged and all(m["loss"] > m["nll"] > 0 and m["odds_ratio_loss"] > 0 for m in logged)
+    report = open(out / "report.md").read()
+    assert "| eval loss (ORPO: NLL + beta x odds ratio, per pair) |" in report and "| pref_accuracy |" in report
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_rpo_adds_the_chosen_nll_to_the_dpo_loss(backend, sft_run, run_env, tmp_path):
     """At step 1 the policy is the reference, so plain DPO's loss is log 2 exactly; with RPO_ALPHA the chosen
     answers' NLL (positive) comes on top, and the setting is recorded."""

@@ -1,7 +1,7 @@
 """The methods' formulas in plain numpy: what the torch and MLX losses are tested against, and what the
 evaluation uses (it needs no gradients). Written from the papers, not from either framework's code:
-DPO (Rafailov et al. 2023, sigmoid loss) and GRPO (Shao et al. 2024, group-normalised advantages, clipped
-ratio, k3 KL estimator)."""
+DPO (Rafailov et al. 2023, sigmoid loss), GRPO (Shao et al. 2024, group-normalised advantages, clipped
+ratio, k3 KL estimator) and ORPO (Hong et al. 2024, odds ratio of mean token probabilities)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +25,23 @@ def rpo_step_loss(chosen_token_logps: list, rejected_token_logps: list, ref_chos
     pr = [float(np.sum(t)) for t in rejected_token_logps]
     nll = -sum(pc) / sum(len(t) for t in chosen_token_logps)
     return float(dpo_losses(pc, pr, ref_chosen, ref_rejected, beta).mean() + alpha * nll)
+
+
+def orpo_losses(mean_chosen, mean_rejected, beta: float) -> np.ndarray:
+    """Per pair: -beta * log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with
+    p = exp(mean token log-prob of the answer)."""
+    def log_odds(m):
+        m = np.minimum(np.asarray(m, np.float64), -1e-4)
+        return m - np.log(1.0 - np.exp(m))
+    return -beta * log_sigmoid(log_odds(mean_chosen) - log_odds(mean_rejected))
+
+
+def orpo_step_loss(chosen_token_logps: list, rejected_token_logps: list, beta: float) -> float:
+    """One step over n pairs: the chosen answers' NLL per token over the step + the mean odds-ratio loss."""
+    nll = -sum(float(np.sum(t)) for t in chosen_token_logps) / sum(len(t) for t in chosen_token_logps)
+    mc = [float(np.mean(t)) for t in chosen_token_logps]
+    mr = [float(np.mean(t)) for t in rejected_token_logps]
+    return float(nll + orpo_losses(mc, mr, beta).mean())
 
 
 def group_advantages(rewards, group: int, eps: float = 1e-4) -> np.ndarray:
