@@ -9,7 +9,7 @@ import torch
 
 from backends import torch_ops
 from finetune.config import Config
-from finetune.methods import Batch, dpo, grpo, orpo, reference, sft
+from finetune.methods import Batch, dpo, grpo, kto, orpo, reference, sft
 from finetune.template import IGNORE, Encoded
 
 RNG = np.random.default_rng(0)
@@ -173,6 +173,32 @@ def test_orpo_loss_by_hand():
     assert torch.isfinite(loss) and torch.isfinite(t.grad).all()
 
 
+def _kto_step():
+    """6 rows (3 thumbs-up, 3 thumbs-down) of 2-4 trained tokens, their reference log-probs and a z0."""
+    n_tokens, good = [2, 3, 4, 2, 3, 4], np.array([True, False, True, True, False, False])
+    token_logps = [RNG.normal(-2, 0.5, n) for n in n_tokens]
+    ref = np.array([t.sum() for t in token_logps]) + RNG.normal(0, 1.0, 6)
+    rows = np.concatenate([np.full(n, k) for k, n in enumerate(n_tokens)])
+    extra = {"ref": ref, "sign": np.where(good, 1.0, -1.0), "z0": np.full(6, 0.3)}
+    return np.concatenate(token_logps), rows, extra, good, np.array([t.sum() for t in token_logps]) - ref
+
+
+def test_kto_loss_torch_matches_reference():
+    tokens, rows, extra, good, reward = _kto_step()
+    loss, parts = torch_loss(kto, tokens, rows, 6, extra, 6.0, beta=0.5)
+    assert float(loss) == pytest.approx(reference.kto_losses(reward, good, 0.3, 0.5).mean(), rel=1e-9)
+    assert float(parts["label_accuracy"]) == pytest.approx(np.mean(np.where(good, reward - 0.3, 0.3 - reward) > 0))
+    assert float(parts["kl"]) == pytest.approx(0.3)
+
+
+def test_kto_loss_by_hand():
+    # at the start r = 0 and z0 = 0: every row costs 1 - sigmoid(0) = 0.5, thumbs-up or down
+    assert reference.kto_losses([0.0, 0.0], [True, False], 0.0, 0.1) == pytest.approx([0.5, 0.5])
+    # a thumbs-up row whose reward rose costs less, a thumbs-down row whose reward rose costs more
+    up, down = reference.kto_losses([2.0, 2.0], [True, False], 0.0, 1.0)
+    assert up == pytest.approx(1 - 1 / (1 + np.exp(-2))) and down == pytest.approx(1 - 1 / (1 + np.exp(2)))
+
+
 mx = pytest.importorskip("mlx.core")
 
 
@@ -207,6 +233,10 @@ def test_mlx_losses_match_reference():
     assert float(got) == pytest.approx(want, rel=1e-5)
     got_t, stats_t = torch_loss(grpo, logps[:5], rows[:5], 2, {"advantage": adv}, 5.0, ref_tokens=refs[:5], beta=0.04)
     assert float(stats["kl"]) == pytest.approx(float(stats_t["kl"]), rel=1e-5)
+    tokens, krows, kextra, good, reward = _kto_step()
+    kto_m, _ = mlx_loss(kto, np.append(tokens, 0.0), np.append(np.ones(len(tokens)), 0.0), np.append(krows, 0), 6,
+                        kextra, 6.0, beta=0.5)  # one slot of bucket padding
+    assert float(kto_m) == pytest.approx(reference.kto_losses(reward, good, 0.3, 0.5).mean(), rel=1e-5)
     sft_m, _ = mlx_loss(sft, logps, weights, rows, 2, {}, 5.0)
     assert float(sft_m) == pytest.approx(-logps[:5].sum() / 5.0, rel=1e-5)
 

@@ -68,6 +68,32 @@ def test_orpo_trains_from_the_base_model_in_one_stage(backend, run_env, tmp_path
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_kto_trains_on_thumbs_up_and_down_rows(backend, run_env, tmp_path):
+    """Unpaired labelled rows (the shipped sample_kto): the loss starts at 0.5 (policy = reference, z0 = 0)."""
+    out = tmp_path / "kto"
+    result = run_cli([], tiny(run_env, out, METHOD="kto", DATASET="sample", MAX_STEPS="2", BATCH_SIZE="4",
+                              GRAD_ACCUM="1", BACKEND=backend, LOGGING_STEPS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.load(open(out / "run.json"))
+    assert run["config"]["beta"] == 0.1 and run["settings"]["beta"]["source"] == "kto default"
+    before, after = run["evaluation"]["before"], run["evaluation"]["after"]
+    assert before["eval_loss"] == pytest.approx(0.5, abs=1e-4) and after["eval_loss"] != before["eval_loss"]
+    assert {"label_accuracy", "reward_margin", "kl"} <= set(after["metrics"])
+    first = next(m for m in map(json.loads, open(out / "metrics.jsonl")) if "loss" in m)
+    assert first["loss"] == pytest.approx(0.5, abs=1e-4) and first["kl"] == 0.0
+    assert "| label_accuracy |" in open(out / "report.md").read()
+
+
+def test_kto_rows_need_a_label(run_env, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "completion": "hello", "label": True}) + "\n"
+                   + json.dumps({"prompt": "hi", "completion": "bye", "label": "maybe"}) + "\n")
+    result = run_cli([], tiny(run_env, tmp_path / "o", METHOD="kto", DATASET=str(bad), MAX_STEPS="1"))
+    assert result.returncode == 2 and "bad.jsonl" in result.stderr and "'label' must be true or false" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_rpo_adds_the_chosen_nll_to_the_dpo_loss(backend, sft_run, run_env, tmp_path):
     """At step 1 the policy is the reference, so plain DPO's loss is log 2 exactly; with RPO_ALPHA the chosen
     answers' NLL (positive) comes on top, and the setting is recorded."""

@@ -1,4 +1,4 @@
-"""Training methods: one small module each (sft, dpo, orpo, grpo), over one shared loop and one backend per device.
+"""Training methods: one small module each (sft, dpo, orpo, kto, grpo), over one shared loop and one backend per device.
 
 What a method module provides is written down as the `Method` protocol in finetune/methods/base.py: reading and
 checking rows, encoding, the step's Batch, and its loss over a backend's ops namespace (a method is one file; the
@@ -11,7 +11,7 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-NAMES = ("sft", "dpo", "orpo", "grpo")
+NAMES = ("sft", "dpo", "orpo", "kto", "grpo")
 
 
 def get(name: str):

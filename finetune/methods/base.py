@@ -22,7 +22,8 @@ class Method(Protocol):
     # EVAL_LOSS_LABEL -- what its eval loss is, for the report. Metrics named "*accuracy" are shown as percents.
 
     def read(self, cfg) -> Rows: ...                                 # read + validate every row, before any weights
-    def prepare(self, rows: Rows, tokenizer, cfg) -> Prepared: ...   # token ids and loss masks (finetune.template)
+    def prepare(self, rows: Rows, tokenizer, cfg) -> Prepared: ...   # token ids and loss masks (finetune.template);
+    #                                                                  each train item has a `.length` (tokens)
     def items_per_draw(self, cfg) -> int: ...                        # data rows one item of a step consumes
     def draws_per_step(self, batch_size: int, grad_accum: int, cfg) -> int: ...
     def start(self, session, prepared: Prepared, cfg) -> None: ...   # before step 1 (DPO: reference log-probs)

@@ -1,7 +1,8 @@
 """The methods' formulas in plain numpy: what the torch and MLX losses are tested against, and what the
 evaluation uses (it needs no gradients). Written from the papers, not from either framework's code:
 DPO (Rafailov et al. 2023, sigmoid loss), GRPO (Shao et al. 2024, group-normalised advantages, clipped
-ratio, k3 KL estimator) and ORPO (Hong et al. 2024, odds ratio of mean token probabilities)."""
+ratio, k3 KL estimator), ORPO (Hong et al. 2024, odds ratio of mean token probabilities) and KTO (Ethayarajh et al.
+2024, prospect-theory loss on labelled single completions)."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +43,14 @@ def orpo_step_loss(chosen_token_logps: list, rejected_token_logps: list, beta: f
     mc = [float(np.mean(t)) for t in chosen_token_logps]
     mr = [float(np.mean(t)) for t in rejected_token_logps]
     return float(nll + orpo_losses(mc, mr, beta).mean())
+
+
+def kto_losses(rewards, desirable, z0: float, beta: float) -> np.ndarray:
+    """Per row: 1 - sigmoid(beta (r - z0)) for a desirable row, 1 - sigmoid(beta (z0 - r)) for an undesirable one;
+    r = log pi(y|x) - log pi_ref(y|x), z0 the (detached, >= 0) KL estimate."""
+    r = np.asarray(rewards, np.float64)
+    x = np.where(np.asarray(desirable, bool), r - z0, z0 - r)
+    return 1.0 - 1.0 / (1.0 + np.exp(-beta * x))
 
 
 def group_advantages(rewards, group: int, eps: float = 1e-4) -> np.ndarray:
