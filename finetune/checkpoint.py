@@ -14,8 +14,31 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 
 from finetune import fsio
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores (besides the backend's weights, optimizer and RNG)."""
+    step: int = 0                  # optimizer steps done
+    position: int = 0              # items drawn from the order stream
+    micro_batch: int = 1
+    grad_accum: int = 1
+    tokens_seen: int = 0           # non-padding input tokens trained on
+    train_seconds: float = 0.0     # time in steps (evaluation and checkpoints excluded)
+    records: list[dict] = field(default_factory=list)   # metrics.jsonl so far
+    oom_events: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0         # steps whose loss or gradient was not finite: counted, never applied
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 DIR = "checkpoints"
 STATE = "trainer_state.json"
@@ -66,8 +89,6 @@ def read_state(path: str) -> dict:
 
 def load(path: str, session):
     """Restore the backend from checkpoint `path`; returns the loop state saved with it."""
-    from finetune.loop import LoopState
-
     session.load_adapter_weights(path)
     session.load_state(path)
     return LoopState.from_dict(read_state(path))

@@ -144,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(found, indent=2) if args.json else runs.format_table(found))
             return 0
         import backends
-        from finetune import train
 
         given = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
         cfg, sources = resolve(given, known_backends=backends.names())
+        if cfg.remote != "none":  # a launcher, not a backend: it imports train, train never imports it
+            from finetune import remote
+
+            return remote.train(cfg, sources)
+        from finetune import train
+
         return train.run(cfg, sources)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,36 +17,16 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from finetune import checkpoint
+from finetune.checkpoint import LoopState  # noqa: F401 - train and callers use loop.LoopState too
 from finetune.errors import UserError, first_line
 
 GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
 NONFINITE_LIMIT = 5  # steps in a row whose loss or gradient is inf/NaN (each skipped, never applied) before stopping
-
-
-@dataclass
-class LoopState:
-    """What a checkpoint restores (besides the backend's weights, optimizer and RNG)."""
-    step: int = 0                  # optimizer steps done
-    position: int = 0              # items drawn from the order stream
-    micro_batch: int = 1
-    grad_accum: int = 1
-    tokens_seen: int = 0           # non-padding input tokens trained on
-    train_seconds: float = 0.0     # time in steps (evaluation and checkpoints excluded)
-    records: list[dict] = field(default_factory=list)   # metrics.jsonl so far
-    oom_events: list[dict] = field(default_factory=list)
-    skipped_steps: int = 0         # steps whose loss or gradient was not finite: counted, never applied
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoopState":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass

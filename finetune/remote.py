@@ -299,9 +299,9 @@ def confirm(question: str, yes: bool) -> bool:
 
 def train(cfg, sources: dict) -> int:
     """`train --remote hf-jobs`: the local checks and plan, the per-flavor preview, then (with yes) the job."""
-    from finetune import train as local
+    from finetune import workload
 
-    method, rows, start, model, fallback, tokenizer, prepared = local.inspect(cfg, sources)
+    method, rows, start, model, fallback, tokenizer, prepared = workload.inspect(cfg, sources)
     options, source = flavors()
     quotes = quote(cfg, model, prepared, method.items_per_draw(cfg), options)
     chosen = pick(quotes, cfg.flavor, cfg.remote_max_hours)

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, fields, replace
 
 import backends
-from finetune import __version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs
+from finetune import __version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs, workload
 from finetune import plan as planner
 from finetune.config import FIELDS, Config, env_name
 from finetune.errors import UserError
@@ -86,10 +86,7 @@ def _check_combination(cfg: Config, plan: planner.Plan) -> None:
 
 
 def run(cfg: Config, sources: dict[str, str]) -> int:
-    if cfg.remote != "none":
-        from finetune import remote
-
-        return remote.train(cfg, sources)
+    """Train here (REMOTE=none; the CLI sends the rest to finetune.remote, which calls inspect() below)."""
     tees = outputs.start_log()
     try:
         if cfg.resume:
@@ -125,23 +122,6 @@ def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
     return _train(resumed, {**record["sources"], "resume": "cli", "model": "resume"}, tees, record=record)
 
 
-def inspect(cfg: Config, sources: dict[str, str]):
-    """Everything before a plan: data (all rows checked before any model loads), model, tokenizer, encoding.
-    Shared by local training and the HF Jobs launcher (finetune.remote)."""
-    method = methods.get(cfg.method)
-    rows = method.read(cfg)
-    start = adapters.find(cfg.adapter) if cfg.adapter else None
-    model_name = cfg.model
-    if start and sources["model"] == "default" and start.parent:
-        model_name = start.parent["model"]["name"]  # continue on the model the adapter was trained on
-    model, fallback = models.resolve(model_name, user_named_it=sources["model"] != "default" or model_name != cfg.model)
-    if fallback:
-        print(outputs.banner(fallback))
-    tokenizer = models.load_tokenizer(model)
-    prepared = method.prepare(rows, tokenizer, cfg)
-    return method, rows, start, model, fallback, tokenizer, prepared
-
-
 def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = None) -> int:
     t0 = time.perf_counter()
     hw = hardware.detect()
@@ -151,7 +131,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
         raise UserError(f"this job was priced for a GPU, but {no_gpu}; stopping before training")
     if no_gpu:
         print(f"warning: {no_gpu}; planning for the CPU")
-    method, rows, start, model, fallback, tokenizer, prepared = inspect(cfg, sources)
+    method, rows, start, model, fallback, tokenizer, prepared = workload.inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     if backend.device(hw) == "cpu":  # the time estimate uses this machine's measured matmul rate
         hw.cpu_peak_gflops = hardware.measure_cpu_peak(hw.cpu_bf16)

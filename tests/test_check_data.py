@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from finetune import check_data, check_tokens, cli, data, shapes
+from finetune import check_data, check_tokens, cli, data, dataset_checks, shapes
 from finetune.config import FIELDS, env_name, resolve
 from finetune.errors import UserError
 from tests.conftest import ROOT, run_cli
@@ -37,12 +37,14 @@ def check(capsys, *args) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-def test_kto_rows_are_checked_though_only_trainable_methods_can_be_chosen(capsys):
+def test_kto_rows_are_checked_and_every_method_can_be_chosen(capsys):
     report = check_data.scan(os.path.join(CORPUS, "kto_bad_label.jsonl"), "kto")
     assert any(str(p).endswith("kto_bad_label.jsonl:2: 'label' must be true or false (got 'maybe')") for p in report.errors)
+    assert cli.main(["check-data", os.path.join(CORPUS, "kto_bad_label.jsonl"), "--method", "kto"]) == 2
+    assert "kto_bad_label.jsonl:2: 'label' must be true or false (got 'maybe')" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: --method takes what train can run
-        cli.main(["check-data", os.path.join(CORPUS, "kto_bad_label.jsonl"), "--method", "kto"])
-    assert "choose from 'sft', 'dpo', 'grpo'" in capsys.readouterr().err
+        cli.main(["check-data", os.path.join(CORPUS, "kto_bad_label.jsonl"), "--method", "cpo"])
+    assert "choose from 'sft', 'dpo', 'orpo', 'kto', 'grpo'" in capsys.readouterr().err
 
 
 # (file, extra args, exit code, text the report must contain: file + line/row + the problem)
@@ -256,7 +258,7 @@ def test_data_load_applies_the_mapping_and_raises_every_error(tmp_path):
 def test_check_splits_gives_train_the_same_warnings(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a\\n", "completion": "b"}\n' * 3 + '{"prompt": "c\\n", "completion": "d"}\n')
-    warnings = check_data.check_splits(data.load(str(path), 0.25, 0))
+    warnings = dataset_checks.check_splits(data.load(str(path), 0.25, 0))
     assert warnings == [f"{path}:2: duplicate of {path}:1; it is trained twice, drop it",
                         f"{path}:3: duplicate of {path}:1; it is trained twice, drop it"]
 

@@ -2,7 +2,8 @@
 every trained token of the optimizer step."""
 from __future__ import annotations
 
-from finetune import check_data, data, evaluate
+from finetune import data, dataset_checks, evaluate
+from finetune.check_tokens import template_warnings
 from finetune.errors import UserError
 from finetune.methods import Batch, EvalResult, Prepared, Rows
 from finetune.template import encode_all
@@ -17,7 +18,7 @@ def read(cfg) -> Rows:
     splits = data.load(dataset_spec(cfg.dataset, SAMPLE_DIR), cfg.val_split, cfg.seed, column_map=cfg.column_map,
                        label=f"DATASET={cfg.dataset}")
     return Rows(splits.train, splits.validation, splits.source, splits.shape, splits.validation_source,
-                check_data.check_splits(splits))
+                dataset_checks.check_splits(splits))
 
 
 def dataset_spec(spec: str, sample_dir: str) -> str:
@@ -35,7 +36,7 @@ def check_template(cfg, shape: str, tokenizer) -> None:
 def prepare(rows: Rows, tokenizer, cfg) -> Prepared:
     check_template(cfg, rows.shape, tokenizer)
     train, warnings = encode_all(rows.train, tokenizer, cfg.max_seq_length)
-    warnings += check_data.template_warnings(rows.train, tokenizer)
+    warnings += template_warnings(rows.train, tokenizer)
     val, val_warnings = encode_all(rows.validation[: cfg.eval_rows], tokenizer, cfg.max_seq_length)
     warnings += [f"validation: {w}" for w in val_warnings]
     if not train or not val:
