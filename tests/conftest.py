@@ -2,6 +2,7 @@
 subprocess runs offline (HF_HUB_OFFLINE=1), as CI does."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,26 @@ from backends.mlx_blas import use_openblas
 
 use_openblas()  # in-process MLX tests (mlx-lm loads, parity checks) get OpenBLAS too: backends/mlx_blas.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_MLX = importlib.util.find_spec("mlx") is not None
+MLX_MODULES = ("test_mlx_backend", "test_mlx_blas")
+
+
+def pytest_collection_modifyitems(config, items):
+    """MLX tests skip, saying why, where mlx is not installed (Linux + NVIDIA); the rest of their modules still run.
+    Tests on the real offline model, and those listed in SLOW_TESTS, are `slow`: `-m "not slow"` is the quick loop."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if not HAS_MLX and (item.module.__name__.rsplit(".", 1)[-1] in MLX_MODULES or params.get("backend") == "mlx"
+                            or item.get_closest_marker("mlx")):
+            item.add_marker(pytest.mark.skip(reason="mlx is not installed here (setup installs it on Apple Silicon "
+                                                    "and on Linux without an NVIDIA GPU)"))
+        if "offline_model" in item.fixturenames or "real_run" in item.fixturenames or \
+                item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
+# The slowest tests on the tiny model (each > ~10 s here; from `./run.sh test --durations=0`).
+SLOW_TESTS: set[str] = set()
 
 
 @pytest.fixture(scope="session")

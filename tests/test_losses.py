@@ -199,10 +199,12 @@ def test_kto_loss_by_hand():
     assert up == pytest.approx(1 - 1 / (1 + np.exp(-2))) and down == pytest.approx(1 - 1 / (1 + np.exp(2)))
 
 
-mx = pytest.importorskip("mlx.core")
+# ---------------------------------------------------------------- MLX (the tests marked `mlx` skip where it is absent)
 
 
 def mlx_loss(method, logps, weights, rows, n_rows, extra, denominator, ref_tokens=None, **cfg):
+    import mlx.core as mx
+
     from backends import mlx_ops
 
     f32 = lambda v: mx.array(np.asarray(v, np.float32))  # noqa: E731
@@ -211,6 +213,7 @@ def mlx_loss(method, logps, weights, rows, n_rows, extra, denominator, ref_token
                        Config(**cfg), denominator)
 
 
+@pytest.mark.mlx
 def test_mlx_losses_match_reference():
     pc, pr, rc, rr = (RNG.normal(-20, 5, 4) for _ in range(4))
     seq = np.stack([pc, pr], 1).reshape(-1)
@@ -311,6 +314,7 @@ def test_sft_step_loss_is_mean_ce_over_every_trained_token_of_the_step(torch_ses
     assert all([t for t in r.labels if t != IGNORE][-1] == eos for r in rows)  # the end-of-turn token is trained
 
 
+@pytest.mark.mlx
 def test_torch_and_mlx_give_the_same_dpo_loss_on_the_same_weights(torch_session, tiny_model, tokenizer, rows):
     """The same base weights, the same (zero-initialised) adapter and batch: per-token log-probs agree within
     1e-4 and so do the DPO losses (fp32 both)."""
@@ -332,6 +336,7 @@ def test_torch_and_mlx_give_the_same_dpo_loss_on_the_same_weights(torch_session,
     assert float(loss_m) == pytest.approx(loss_t, abs=1e-4)
 
 
+@pytest.mark.mlx
 def test_torch_and_mlx_give_the_same_orpo_loss_on_the_same_weights(torch_session, tiny_model, tokenizer, rows):
     from backends.mlx_backend import MLXSession
     from finetune import models
