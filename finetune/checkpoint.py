@@ -4,7 +4,8 @@ A checkpoint is built under a temp name and renamed into place (finetune.fsio.bu
 mid-save leaves at most a dot-named temp folder, which `latest` ignores and `clean` removes. Contents:
     adapter_model.safetensors, adapter_config.json  the adapter as of step N (loads in plain PEFT)
     mlx/                                            MLX runs: the mlx-lm adapter too
-    optimizer.safetensors, rng.json                 the backend's optimizer state and random states
+    optimizer.pt / optimizer.safetensors            the backend's optimizer state (torch, + its fp16 loss scale /
+                                                    MLX); random state needs none: the loop reseeds every step
     trainer_state.json                              the loop's state: step, data position, micro-batch...
 Only the newest SAVE_TOTAL checkpoints are kept; older ones are removed after a newer one is whole.
 """

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.methods import NAMES
 
 ROLES = ("system", "user", "assistant", "tool")
-METHODS = ("sft", "dpo", "orpo", "kto", "grpo")
+METHODS = NAMES  # the one list of method names (finetune/methods/__init__.py)
 # Column sets each method accepts, most specific first (TRL's dataset formats).
 FORMS = {
     "sft": (("messages",), ("prompt", "completion"), ("text",)),
