@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune import data
+from finetune import data, forms
 from finetune.check_tokens import measure, plan_steps, preview
 from finetune.data import Example
 from finetune.dataset_checks import MAX_PRINTED, dataset_problems  # shared with train (methods.sft)
@@ -130,6 +130,10 @@ def scan(spec: str, method: str = "sft", mapping: dict | None = None, map_where:
     first = next((row for _, row in train if isinstance(row, dict)), {})
     if train:  # with no readable row there is nothing to judge a method by
         report.verdicts = {m: verdict(m, report.columns, first) for m in METHODS}
+        form = forms.detect(first) if isinstance(first, dict) else None
+        if form:  # Alpaca / ShareGPT train as SFT messages with no mapping
+            uses = [c for c in ("instruction", "input", "output", "system", "conversations") if c in report.columns]
+            report.verdicts["sft"] = {"status": "ready", "form": forms.DESCRIPTION[form], "map": {}, "uses": uses}
     n_val = len(files[val_src]) if val_src else max(1, min(len(train) - 1, round(len(train) * val_split)))
     report.train_rows = len(train) if val_src else max(0, len(train) - n_val)
     if not train:

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from finetune import forms
 from finetune.errors import UserError, first_line
 from finetune.shapes import (FORMS, ROLES, Problem, has_assistant, kind, map_flags, messages,  # noqa: F401 (re-exports)
                              parse_column_map, rename, suggest_map, text)
@@ -38,6 +39,7 @@ class Example:
     completion: str | None = None
     text: str | None = None              # plain language-modelling rows
     where: str = ""                      # "file:line", for messages about this row
+    form: str | None = None              # a community form it was read from (finetune/forms.py: alpaca, sharegpt)
 
     @property
     def shape(self) -> str:
@@ -244,12 +246,19 @@ def _unknown_shape(row: dict) -> str:
 
 
 def check_row(row: Any, where: str) -> tuple[Example | None, list[Problem]]:
-    """Every problem of one row in any of the four SFT shapes; the Example when it has no error."""
+    """Every problem of one row in any of the four SFT shapes (or Alpaca / ShareGPT); the Example when it has no
+    error."""
     if not isinstance(row, dict):
         return None, [Problem(where, f"each row must be an object, got {kind(row)}")]
     problems: list[Problem] = []
     ex = None
-    if "messages" in row:
+    form = forms.detect(row)
+    if form:  # Alpaca / ShareGPT: checked in their own columns' terms, then trained as messages
+        msgs = forms.to_messages(form, row, where, problems)
+        if msgs is not None and not has_assistant(msgs):
+            problems.append(Problem(where, "the row has no non-empty assistant turn to learn from"))
+        ex = Example(messages=msgs, where=where, form=form) if msgs else None
+    elif "messages" in row:
         msgs = messages(row["messages"], where, "messages", problems)
         if msgs is not None and not has_assistant(msgs):
             problems.append(Problem(where, "'messages' has no non-empty assistant turn to learn from"))

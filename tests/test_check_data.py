@@ -65,11 +65,13 @@ CASES = [
     ("empty_assistant.jsonl", [], 2, "empty_assistant.jsonl:2: messages[1] is an empty assistant turn"),
     ("no_assistant.jsonl", [], 2, "no_assistant.jsonl:2: 'messages' has no non-empty assistant turn"),
     ("conv_completion_no_assistant.jsonl", [], 2, "conv_completion_no_assistant.jsonl:2: 'completion' must contain"),
-    ("sharegpt.jsonl", [], 2, "sharegpt.jsonl:1: columns conversations do not fit sft: rename columns: "
-                              "--map conversations=messages"),
+    ("sharegpt.jsonl", [], 0, "sft   ready          sharegpt: conversations from/value, human -> user"),
     ("sharegpt.jsonl", ["--map", "conversations=messages"], 2, "sharegpt.jsonl:1: 'messages' uses ShareGPT turns"),
-    ("alpaca.json", [], 2, "alpaca.json: row 1: columns instruction, input, output do not fit sft: rename columns: "
-                           "--map instruction=prompt --map output=completion"),
+    ("sharegpt_bad_role.jsonl", [], 2, "sharegpt_bad_role.jsonl:2: conversations[1].from 'robot' is not a ShareGPT "
+                                       "role (human, gpt, system, tool)"),
+    ("alpaca.json", [], 0, "sft   ready          alpaca: instruction (+ input) -> user turn, output -> assistant turn"),
+    ("alpaca_bad.jsonl", [], 2, "alpaca_bad.jsonl:2: 'output' must be a non-empty string (got null)"),
+    ("alpaca_bad.jsonl", [], 2, "alpaca_bad.jsonl:3: 'input' must be a string (got a list)"),
     ("dpo_good_bad.jsonl", ["--method", "dpo"], 2, "dpo_good_bad.jsonl:1: columns prompt, good_response, bad_response "
                                                    "do not fit dpo: rename columns: --map good_response=chosen "
                                                    "--map bad_response=rejected"),

@@ -37,6 +37,32 @@ def test_each_shape_loads(tmp_path, row, shape):
     assert splits.validation_source.startswith("carved 2 rows")
 
 
+@pytest.mark.parametrize("row,want", [
+    ({"instruction": "Translate to French", "input": "cat", "output": "chat"},
+     [{"role": "user", "content": "Translate to French\n\ncat"}, {"role": "assistant", "content": "chat"}]),
+    ({"instruction": "Name a colour ", "input": "", "output": "blue", "system": "Be brief."},
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"},
+      {"role": "assistant", "content": "blue"}]),
+    ({"instruction": "Add 2 and 2", "output": "4"},
+     [{"role": "user", "content": "Add 2 and 2"}, {"role": "assistant", "content": "4"}]),
+    ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "hello"}, {"from": "user", "value": "more"},
+                        {"from": "assistant", "value": "ok"}]},
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"},
+      {"role": "assistant", "content": "ok"}]),
+    ({"conversations": CHAT}, CHAT),  # role/content turns inside "conversations"
+])
+def test_alpaca_and_sharegpt_rows_train_as_messages(tmp_path, row, want, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [row] * 5)
+    splits = data.load(path, val_split=0.2, seed=0)
+    ex = splits.train[0]
+    assert ex.messages == want and ex.shape == "messages" and ex.form == ("sharegpt" if "conversations" in row else "alpaca")
+    trained = trained_text(encode(ex, tokenizer, 256), tokenizer)  # assistant turns only, as for messages rows
+    assert all(m["content"] in trained for m in want if m["role"] == "assistant")
+    assert not any(m["content"] in trained for m in want if m["role"] != "assistant")
+
+
 def test_other_file_formats(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"prompt": "a", "completion": "b"}] * 4))
     (tmp_path / "d.csv").write_text("prompt,completion\nhello,world\nfoo,bar\n")
@@ -100,7 +126,7 @@ def test_generation_prompt_ends_where_the_answer_starts(tokenizer):
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
      "d.jsonl:2: not valid JSON"),
     ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "d.jsonl:1: messages[0].role 'bot' is not one of"),
-    ('{"instruction": "a", "output": "b"}\n', "d.jsonl:1: unknown row shape (columns: instruction, output)"),
+    ('{"question": "a", "reply": "b"}\n', "d.jsonl:1: unknown row shape (columns: question, reply)"),
     ('{"prompt": "a", "completion": null}\n', "d.jsonl:1: 'completion' must be a non-empty string"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
      "d.jsonl:1: 'messages' has no non-empty assistant turn"),
@@ -133,3 +159,19 @@ def test_pad_batch_never_trains_padding():
     assert labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert pad_batch(rows, pad_id=0, width=5)[0].shape == (2, 5)
+
+
+@pytest.mark.parametrize("form", ["alpaca", "sharegpt"])
+def test_alpaca_and_sharegpt_files_train_with_no_flags(tmp_path, run_env, form):
+    from tests.conftest import run_cli
+
+    rows = [{"instruction": f"Say {w}", "input": "" if i % 2 else "loudly", "output": w} if form == "alpaca" else
+            {"conversations": [{"from": "human", "value": f"Say {w}"}, {"from": "gpt", "value": w}]}
+            for i, w in enumerate("one two three four five six seven eight nine ten".split())]
+    path = write_jsonl(tmp_path / f"{form}.jsonl", rows)
+    out = tmp_path / "run"
+    result = run_cli([], {**run_env, "MODEL": "finetune/tiny-qwen2", "DATASET": path, "MAX_STEPS": "1",
+                          "BATCH_SIZE": "2", "EVAL_ROWS": "2", "EVAL_GENERATIONS": "0", "OUTPUT_DIR": str(out)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.load(open(out / "run.json"))
+    assert run["status"] == "completed" and run["data"]["shape"] == f"messages, from {form} rows"

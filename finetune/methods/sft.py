@@ -17,8 +17,9 @@ SEQUENCES_PER_ITEM = 1
 def read(cfg) -> Rows:
     splits = data.load(dataset_spec(cfg.dataset, SAMPLE_DIR), cfg.val_split, cfg.seed, column_map=cfg.column_map,
                        label=f"DATASET={cfg.dataset}")
-    return Rows(splits.train, splits.validation, splits.source, splits.shape, splits.validation_source,
-                dataset_checks.check_splits(splits))
+    form = splits.train[0].form if splits.train else None  # alpaca / sharegpt rows train as messages
+    return Rows(splits.train, splits.validation, splits.source, f"{splits.shape}, from {form} rows" if form else splits.shape,
+                splits.validation_source, dataset_checks.check_splits(splits))
 
 
 def dataset_spec(spec: str, sample_dir: str) -> str:
