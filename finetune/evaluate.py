@@ -47,3 +47,14 @@ def example_prompts(examples, tokenizer, n: int) -> list[tuple[list[int], str]]:
     """(prompt ids, expected answer) for the first n held-out rows that have an answer to check."""
     found = (generation_prompt(ex, tokenizer) for ex in examples)
     return [p for p in found if p is not None][:n]
+
+
+def with_generations(session, prepared, cfg, metrics: dict):
+    """A method's EvalResult: `metrics` (its "eval_loss" taken out) plus the generation checks on the held-out
+    examples (prepared.eval_examples)."""
+    from finetune.methods import EvalResult
+
+    prompts = example_prompts(prepared.eval_examples, session.tokenizer, cfg.eval_generations)
+    gen_metrics, rows = generations(session, session.tokenizer, prompts, cfg.max_new_tokens)
+    loss = metrics.pop("eval_loss", None)
+    return EvalResult(eval_loss=loss, metrics={**metrics, **gen_metrics}, generations=rows)

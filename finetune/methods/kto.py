@@ -174,10 +174,7 @@ def row_metrics(session, items: list[Item], beta: float) -> dict:
 def evaluate_model(session, prepared: Prepared, cfg) -> EvalResult:
     """Label accuracy (a thumbs-up row's reward above z0, a thumbs-down row's below), beta x the gap between the
     mean rewards of desirable and undesirable rows, the KTO loss, and the generation checks on desirable rows."""
-    m = row_metrics(session, prepared.eval, cfg.beta)
-    prompts = evaluate.example_prompts(prepared.eval_examples, session.tokenizer, cfg.eval_generations)
-    gen_metrics, rows = evaluate.generations(session, session.tokenizer, prompts, cfg.max_new_tokens)
-    return EvalResult(eval_loss=m.pop("eval_loss"), metrics={**m, **gen_metrics}, generations=rows)
+    return evaluate.with_generations(session, prepared, cfg, row_metrics(session, prepared.eval, cfg.beta))
 
 
 def periodic_eval(session, prepared: Prepared, cfg) -> dict:

@@ -77,10 +77,7 @@ def pair_metrics(session, pairs: list[Pair], beta: float) -> dict:
 def evaluate_model(session, prepared: Prepared, cfg) -> EvalResult:
     """Preference accuracy (the chosen answer's mean token log-prob above the rejected one's), the margin
     beta x (mean_c - mean_r) (TRL's ORPO rewards), the ORPO loss, and the generation checks."""
-    m = pair_metrics(session, prepared.eval, cfg.beta)
-    prompts = evaluate.example_prompts(prepared.eval_examples, session.tokenizer, cfg.eval_generations)
-    gen_metrics, rows = evaluate.generations(session, session.tokenizer, prompts, cfg.max_new_tokens)
-    return EvalResult(eval_loss=m.pop("eval_loss"), metrics={**m, **gen_metrics}, generations=rows)
+    return evaluate.with_generations(session, prepared, cfg, pair_metrics(session, prepared.eval, cfg.beta))
 
 
 def periodic_eval(session, prepared: Prepared, cfg) -> dict:
