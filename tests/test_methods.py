@@ -156,20 +156,22 @@ def test_bad_preference_rows_and_settings(run_env, tmp_path):
     assert f"{bad}:2: 'chosen' must be a non-empty string" in result.stderr and f"{bad}:3:" in result.stderr
     assert "Traceback" not in result.stderr
     for env, needle in (({"NUM_GENERATIONS": "1"}, "NUM_GENERATIONS='1' is not valid"),
-                        ({"BETA": "-1"}, "BETA='-1' is not valid"), ({"METHOD": "kto"}, "METHOD='kto' is not valid")):
+                        ({"BETA": "-1"}, "BETA='-1' is not valid"), ({"METHOD": "cpo"}, "METHOD='cpo' is not valid")):
         result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "o", **{"METHOD": "grpo", **env}))
         assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_check_data_and_train_agree_on_the_shipped_samples(run_env):
-    for method in ("sft", "dpo", "grpo"):
+    for method in ("sft", "dpo", "orpo", "kto", "grpo"):
         checked = run_cli(["check-data", "sample", "--method", method, "--model", "finetune/tiny-qwen2"], run_env)
         assert checked.returncode == 0 and f"Result: ready for {method}" in checked.stdout, checked.stdout[-800:]
         planned = run_cli(["--dry-run"], {**run_env, "METHOD": method, "MODEL": "finetune/tiny-qwen2"})
         assert planned.returncode == 0 and f"method              {method}" in planned.stdout, planned.stderr[-800:]
         # an unset learning rate is the method's own (preference losses need a far smaller one), and says so
         lr = {"sft": "0.0002                           <- default ", "dpo": "2e-05                            <- dpo default",
-              "grpo": "5e-05                            <- grpo default"}[method]
+              "grpo": "5e-05                            <- grpo default",
+              "orpo": "5e-05                            <- orpo default",
+              "kto": "5e-05                            <- kto default"}[method]
         assert f"learning_rate            {lr}" in planned.stdout, planned.stdout[:3000]
 
 
