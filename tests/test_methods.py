@@ -185,3 +185,16 @@ def test_grpo_with_no_eval_generations_trains_and_says_there_is_no_evaluation(ru
     run = json.load(open(out / "run.json"))
     assert run["status"] == "completed" and run["evaluation"]["after"]["metrics"] == {}
     assert run["config"]["reward"] == "json_format,exact_match"
+
+
+def test_kto_rows_mixing_text_and_messages_are_one_line(run_env, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    text = {"prompt": "hi", "completion": "hello", "label": True}
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}],
+            "label": False}
+    (mixed / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (text, chat, text, chat)))
+    (mixed / "validation.jsonl").write_text(json.dumps(text) + "\n" + json.dumps({**text, "label": False}) + "\n")
+    result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "o", METHOD="kto", DATASET=str(mixed)))
+    assert result.returncode == 2 and "use one form per file" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

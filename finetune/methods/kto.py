@@ -73,6 +73,9 @@ def _labelled(rows: list[dict]) -> list[LabelledRow]:
         other = rows[(i + 1) % len(rows)]
         mismatched, _ = data.check_row({"prompt": r["prompt"], "completion": other["completion"]}, r["where"])
         example, _ = data.check_row({"prompt": r["prompt"], "completion": r["completion"]}, r["where"])
+        if mismatched is None:  # a text prompt beside a message-list completion: the rows mix two forms
+            raise UserError(f"{other['where']}: this row's form (text or messages) differs from {r['where']}'s; "
+                            "KTO pairs each prompt with another row's completion, so use one form per file")
         out.append(LabelledRow(example, mismatched, r["label"], r["where"]))
     return out
 
