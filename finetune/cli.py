@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
         given = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
         cfg, sources = resolve(given, known_backends=backends.names())
-        if cfg.remote != "none":  # a launcher, not a backend: it imports train, train never imports it
+        if cfg.remote != "none":  # HF Jobs is a launcher, not a backend (finetune/remote.py)
             from finetune import remote
 
             return remote.train(cfg, sources)
