@@ -43,7 +43,7 @@ class Config:
     max_steps: int | None = field(default=None, metadata=_opt("optimizer steps; unset = EPOCHS over the data", lo=1))
     epochs: float = field(default=1.0, metadata=_opt("passes over the training split", lo=0, lo_open=True))
     learning_rate: float = field(default=2e-4, metadata=_opt(
-        "peak learning rate (unset: the method's own, SFT 2e-4, DPO 2e-5, GRPO 5e-5)", lo=0, lo_open=True, hi=1))
+        "peak learning rate (unset: the method's own, SFT 2e-4, DPO and KTO 2e-5, ORPO and GRPO 5e-5)", lo=0, lo_open=True, hi=1))
     max_seq_length: int = field(default=1024, metadata=_opt("tokens per row; longer rows are truncated", lo=16))
     lora_r: int = field(default=16, metadata=_opt("LoRA rank", lo=1))
     lora_alpha: float = field(default=32.0, metadata=_opt("LoRA alpha (scale = alpha / r)", lo=0, lo_open=True))

@@ -171,7 +171,7 @@ def test_check_data_and_train_agree_on_the_shipped_samples(run_env):
         lr = {"sft": "0.0002                           <- default ", "dpo": "2e-05                            <- dpo default",
               "grpo": "5e-05                            <- grpo default",
               "orpo": "5e-05                            <- orpo default",
-              "kto": "5e-05                            <- kto default"}[method]
+              "kto": "2e-05                            <- kto default"}[method]
         assert f"learning_rate            {lr}" in planned.stdout, planned.stdout[:3000]
 
 

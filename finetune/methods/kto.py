@@ -26,7 +26,9 @@ NAME = "kto"
 EVAL_LOSS_LABEL = "eval loss (KTO, per row)"
 SAMPLE_DIR = os.path.join(DATA_DIR, "sample_kto")  # the preference sample's answers, labelled and shuffled
 DEFAULT_BETA = 0.1  # TRL's KTOConfig.beta
-LEARNING_RATE = 5e-5
+# LEARNING_RATE unset: DPO's. Measured (SmolLM2, 3 SFT steps then 15 x 8 rows of sample_kto): 5e-5 ranked 90.6 % of
+# held-out rows right and took valid_format 75 -> 50 %; 2e-5 ranked 96.9 % and kept more of it (75 -> 62.5 %).
+LEARNING_RATE = 2e-5
 
 
 @dataclass
