@@ -17,24 +17,30 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def probe(model_dir: str, device: str, dtype: str, quantize: str) -> dict:
-    import torch
-
+def _session(model_dir: str, device: str, dtype: str, quantize: str, batch: int, seq: int):
+    """(the torch backend's own session on this model and plan, its tokenizer, seconds to build the session)."""
     from backends.torch_backend import TorchSession
     from finetune import models
     from finetune.config import Config
-    from finetune.methods import sft
     from finetune.plan import Plan
-    from finetune.template import Example, encode
 
     info, _ = models.resolve(model_dir, user_named_it=True)
     tok = models.load_tokenizer(info)
-    plan = Plan(backend="torch", device=device, method="sft", batch_size=4, grad_accum=1, max_seq_length=128,
+    plan = Plan(backend="torch", device=device, method="sft", batch_size=batch, grad_accum=1, max_seq_length=seq,
                 max_steps=1, eval_steps=1, save_steps=1, gradient_checkpointing=False, dtype=dtype, quantize=quantize,
                 memory_kind="vram" if device == "cuda" else "ram", memory_total_gb=80, budget_gb=60,
                 predicted_peak_gb=1, attention="sdpa")
     t = time.time()
-    s = TorchSession(Config(), plan, info, tok)
+    return TorchSession(Config(), plan, info, tok), tok, time.time() - t
+
+
+def probe(model_dir: str, device: str, dtype: str, quantize: str) -> dict:
+    from finetune.config import Config
+    from finetune.methods import sft
+    from finetune.template import Example, encode
+
+    s, tok, built = _session(model_dir, device, dtype, quantize, 4, 128)
+    t = time.time() - built
     rows = [encode(Example(messages=[{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]),
                    tok, 128) for w in ("one", "two", "three", "four")]
     seen: dict[str, set] = {"attention": set(), "lora_A": set(), "lm_head": set()}
@@ -77,22 +83,14 @@ def profile(model_dir: str, device: str, dtype: str, steps: int = 6) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from backends.torch_backend import TorchSession
-    from finetune import models
     from finetune.config import Config
     from finetune.methods import sft
-    from finetune.plan import Plan
     from finetune.template import Example, encode
 
-    info, _ = models.resolve(model_dir, user_named_it=True)
-    tok = models.load_tokenizer(info)
+    s, tok, _ = _session(model_dir, device, dtype, "none", 16, 512)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "data", "sample", "train.jsonl")) as fh:
         rows = [encode(Example(messages=json.loads(line)["messages"]), tok, 512) for line, _ in zip(fh, range(16))]
-    plan = Plan(backend="torch", device=device, method="sft", batch_size=16, grad_accum=1, max_seq_length=512,
-                max_steps=steps, eval_steps=steps, save_steps=steps, gradient_checkpointing=False, dtype=dtype,
-                quantize="none", memory_kind="vram", memory_total_gb=80, budget_gb=60, predicted_peak_gb=1)
-    s = TorchSession(Config(), plan, info, tok)
     batch = sft.make_batch(None, rows, Config(), None)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []

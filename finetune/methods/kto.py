@@ -66,7 +66,7 @@ def _row(row, where: str):
     if ex is None or any(p.level == "error" for p in problems):
         return None, problems
     return ({"prompt": row["prompt"], "completion": row["completion"], "label": label_value(row["label"]),
-             "where": where}, problems)
+             "where": where, "example": ex}, problems)
 
 
 def _labelled(rows: list[dict]) -> list[LabelledRow]:
@@ -74,11 +74,10 @@ def _labelled(rows: list[dict]) -> list[LabelledRow]:
     for i, r in enumerate(rows):
         other = rows[(i + 1) % len(rows)]
         mismatched, _ = data.check_row({"prompt": r["prompt"], "completion": other["completion"]}, r["where"])
-        example, _ = data.check_row({"prompt": r["prompt"], "completion": r["completion"]}, r["where"])
         if mismatched is None:  # a text prompt beside a message-list completion: the rows mix two forms
             raise UserError(f"{other['where']}: this row's form (text or messages) differs from {r['where']}'s; "
                             "KTO pairs each prompt with another row's completion, so use one form per file")
-        out.append(LabelledRow(example, mismatched, r["label"], r["where"]))
+        out.append(LabelledRow(r["example"], mismatched, r["label"], r["where"]))
     return out
 
 

@@ -80,9 +80,7 @@ def eval_loss(session, rows) -> float:
 
 
 def evaluate_model(session, prepared: Prepared, cfg) -> EvalResult:
-    prompts = evaluate.example_prompts(prepared.eval_examples, session.tokenizer, cfg.eval_generations)
-    metrics, rows = evaluate.generations(session, session.tokenizer, prompts, cfg.max_new_tokens)
-    return EvalResult(eval_loss=eval_loss(session, prepared.eval), metrics=metrics, generations=rows)
+    return evaluate.with_generations(session, prepared, cfg, {"eval_loss": eval_loss(session, prepared.eval)})
 
 
 def periodic_eval(session, prepared: Prepared, cfg) -> dict:
