@@ -22,6 +22,24 @@ def torch_loss(method, logps, rows, n_rows, extra, denominator, ref_tokens=None,
                        None if ref_tokens is None else as_t(ref_tokens), Config(**cfg), denominator)
 
 
+def split_step(method, batch, by_seq: dict, micro: int, overhead, **cfg) -> tuple[float, dict]:
+    """A step's loss summed over its micro-batches (as the backends run it), in float64; the summed stats too.
+    `by_seq` maps id(sequence) -> its trained tokens' log-probs."""
+    from finetune.methods import micro_batches
+
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    total, stats = 0.0, {}
+    for chunk, extra in micro_batches(batch, micro, overhead):
+        tokens = np.concatenate([by_seq[id(s)] for s in chunk])
+        rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
+        loss, parts = torch_loss(method, f64(tokens), rows, len(chunk), {k: f64(v) for k, v in extra.items()},
+                                 batch.denominator, **cfg)
+        total += float(loss)
+        for k, v in parts.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return total, stats
+
+
 def test_dpo_loss_torch_matches_reference():
     pc, pr, rc, rr = (RNG.normal(-20, 5, 6) for _ in range(4))
     want = reference.dpo_losses(pc, pr, rc, rr, beta=0.1).sum() / 6
@@ -54,20 +72,11 @@ def _rpo_pairs():
 def test_rpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhead):
     """DPO + rpo_alpha x the chosen answers' mean token NLL over the step, however the step is split (also when the
     pad-saving split cuts it by length)."""
-    from finetune.methods import dpo, micro_batches
-
     pairs, token_logps = _rpo_pairs()
     by_seq = {id(s): t for p, (tc, tr) in zip(pairs, zip(token_logps[0::2], token_logps[1::2]))
               for s, t in ((p.chosen, tc), (p.rejected, tr))}
     batch = dpo.make_batch(None, pairs, Config(beta=0.1, rpo_alpha=0.7), None)
-    total = 0.0
-    for chunk, extra in micro_batches(batch, micro, overhead):
-        tokens = np.concatenate([by_seq[id(s)] for s in chunk])
-        rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
-        f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        loss, _ = torch_loss(dpo, f64(tokens), rows, len(chunk), {k: f64(v) for k, v in extra.items()},
-                             batch.denominator, beta=0.1, rpo_alpha=0.7)
-        total += float(loss)
+    total, _ = split_step(dpo, batch, by_seq, micro, overhead, beta=0.1, rpo_alpha=0.7)
     ref_c, ref_r = [p.ref[0] for p in pairs], [p.ref[1] for p in pairs]
     want = reference.rpo_step_loss(token_logps[0::2], token_logps[1::2], ref_c, ref_r, 0.1, 0.7)
     assert total == pytest.approx(want, rel=1e-9)
@@ -140,21 +149,12 @@ def test_no_backend_names_a_method():
 @pytest.mark.parametrize("micro,overhead", [(1, None), (2, None), (3, None), (2, 1.0)])
 def test_orpo_step_loss_matches_reference_for_any_micro_batch_split(micro, overhead):
     """The chosen answers' mean token NLL over the step + beta x the mean odds-ratio loss, however the step is split."""
-    from finetune.methods import micro_batches
-
     pairs, token_logps = _rpo_pairs()
     by_seq = {id(s): t for p, (tc, tr) in zip(pairs, zip(token_logps[0::2], token_logps[1::2]))
               for s, t in ((p.chosen, tc), (p.rejected, tr))}
     batch = orpo.make_batch(None, pairs, Config(beta=0.2), None)
-    total, accuracy = 0.0, 0.0
-    for chunk, extra in micro_batches(batch, micro, overhead):
-        tokens = np.concatenate([by_seq[id(s)] for s in chunk])
-        rows = np.concatenate([np.full(s.n_trained, k) for k, s in enumerate(chunk)])
-        f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        loss, parts = torch_loss(orpo, f64(tokens), rows, len(chunk), {k: f64(v) for k, v in extra.items()},
-                                 batch.denominator, beta=0.2)
-        total += float(loss)
-        accuracy += float(parts["pref_accuracy"])
+    total, stats = split_step(orpo, batch, by_seq, micro, overhead, beta=0.2)
+    accuracy = stats["pref_accuracy"]
     assert total == pytest.approx(reference.orpo_step_loss(token_logps[0::2], token_logps[1::2], 0.2), rel=1e-9)
     means = [float(np.mean(t)) for t in token_logps]
     assert accuracy == pytest.approx(np.mean([c > r for c, r in zip(means[0::2], means[1::2])]))
@@ -189,6 +189,28 @@ def test_kto_loss_torch_matches_reference():
     assert float(loss) == pytest.approx(reference.kto_losses(reward, good, 0.3, 0.5).mean(), rel=1e-9)
     assert float(parts["label_accuracy"]) == pytest.approx(np.mean(np.where(good, reward - 0.3, 0.3 - reward) > 0))
     assert float(parts["kl"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("micro,overhead", [(1, None), (2, None), (4, None), (3, 0.0)])
+def test_kto_with_the_thumbs_up_nll_matches_reference_for_any_micro_batch_split(micro, overhead):
+    """KTO + RPO_ALPHA x the desirable completions' mean token NLL over the step, however the step is split."""
+    good = [True, False, True, True, False]
+    items, token_logps = [], []
+    for n, g in zip((3, 2, 5, 4, 6), good):
+        items.append(kto.Item(Encoded([0] * (n + 2), [IGNORE, IGNORE] + [1] * n), None, g, None,
+                              ref=float(RNG.normal(-8, 2))))
+        token_logps.append(RNG.normal(-2, 0.5, n))
+    by_seq = {id(i.seq): t for i, t in zip(items, token_logps)}
+    session = type("NoKL", (), {"token_logps": lambda self, seqs: [np.zeros(1)] * len(seqs)})()  # z0 = max(0, -ref)
+    batch = kto.make_batch(session, items, Config(beta=0.3, rpo_alpha=0.6), None)
+    z0 = batch.per_sequence["z0"][0]
+    total, _ = split_step(kto, batch, by_seq, micro, overhead, beta=0.3, rpo_alpha=0.6)
+    refs = [i.ref for i in items]
+    want = reference.kto_step_loss(token_logps, refs, good, z0, 0.3, 0.6)
+    assert total == pytest.approx(want, rel=1e-9)
+    plain = reference.kto_step_loss(token_logps, refs, good, z0, 0.3, 0.0)
+    thumbs_up = np.concatenate([t for t, g in zip(token_logps, good) if g])
+    assert want - plain == pytest.approx(0.6 * -thumbs_up.mean())  # the NLL term: thumbs-up tokens only
 
 
 def test_kto_loss_by_hand():
@@ -240,6 +262,11 @@ def test_mlx_losses_match_reference():
     kto_m, _ = mlx_loss(kto, np.append(tokens, 0.0), np.append(np.ones(len(tokens)), 0.0), np.append(krows, 0), 6,
                         kextra, 6.0, beta=0.5)  # one slot of bucket padding
     assert float(kto_m) == pytest.approx(reference.kto_losses(reward, good, 0.3, 0.5).mean(), rel=1e-5)
+    knll = {**kextra, "nll": np.where(good, 0.1, 0.0)}  # the thumbs-up NLL term, on both backends
+    kto_m2, _ = mlx_loss(kto, np.append(tokens, 0.0), np.append(np.ones(len(tokens)), 0.0), np.append(krows, 0), 6,
+                         knll, 6.0, beta=0.5, rpo_alpha=1.0)
+    kto_t2, _ = torch_loss(kto, tokens, krows, 6, knll, 6.0, beta=0.5, rpo_alpha=1.0)
+    assert float(kto_m2) == pytest.approx(float(kto_t2), rel=1e-5) and float(kto_m2) > float(kto_m)
     sft_m, _ = mlx_loss(sft, logps, weights, rows, 2, {}, 5.0)
     assert float(sft_m) == pytest.approx(-logps[:5].sum() / 5.0, rel=1e-5)
 

@@ -53,6 +53,16 @@ def kto_losses(rewards, desirable, z0: float, beta: float) -> np.ndarray:
     return 1.0 - 1.0 / (1.0 + np.exp(-beta * x))
 
 
+def kto_step_loss(token_logps: list, ref, desirable, z0: float, beta: float, alpha: float) -> float:
+    """One step over rows given per-token log-probs: mean KTO loss over the rows + alpha x the desirable completions'
+    NLL per token over the step. alpha = 0 is TRL's plain KTO."""
+    good = np.asarray(desirable, bool)
+    seq = np.array([float(np.sum(t)) for t in token_logps])
+    good_tokens = [t for t, g in zip(token_logps, good) if g]
+    nll = -sum(float(np.sum(t)) for t in good_tokens) / sum(len(t) for t in good_tokens) if good_tokens else 0.0
+    return float(kto_losses(seq - np.asarray(ref), good, z0, beta).mean() + alpha * nll)
+
+
 def group_advantages(rewards, group: int, eps: float = 1e-4) -> np.ndarray:
     """(r - mean of its group) / (std of its group + eps); groups are consecutive runs of `group` completions.
     Standard deviation with Bessel's correction, as TRL computes it."""
