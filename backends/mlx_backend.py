@@ -20,7 +20,7 @@ import numpy as np
 
 from backends.mlx_blas import use_openblas
 from finetune import interop
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.hardware import GB
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
@@ -53,16 +53,22 @@ def mlx_model_type(model) -> str | None:
         return None
 
 
+# config.json keys transformers 5 renamed or dropped, as mlx-lm 0.32's ModelArgs still names them: {new: old}
+RENAMED = {"qwen3_moe": {"num_experts": "num_local_experts"}, "lfm2": {"block_dim": "hidden_size"}}
+
+
 def model_config_overrides(model_path: str) -> dict:
     """config.json keys mlx-lm must be told explicitly. transformers >= 5 writes rope_theta (and any rope
     scaling) inside `rope_parameters`; mlx-lm 0.32 reads only the older top-level keys and otherwise falls
     back to its own default theta (1e6 for Qwen2): a different model from the one PyTorch runs."""
     with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
         config = json.load(fh)
+    out = {new: config[old] for new, old in RENAMED.get(config.get("model_type"), {}).items()
+           if new not in config and old in config}
     rope = config.get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
-        return {}
-    out = {"rope_theta": rope["rope_theta"]}
+        return out
+    out["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return out
@@ -121,6 +127,25 @@ def lora_parameters(cfg) -> dict:
     return {"rank": cfg.lora_r, "scale": cfg.lora_alpha / cfg.lora_r, "dropout": cfg.lora_dropout}
 
 
+def linear_keys(model) -> set[str]:
+    """The linear layers inside the transformer blocks. mlx-lm's default also wraps MoE experts (SwitchLinear), whose
+    LoRA has no PEFT form (PEFT targets transformers 5's fused 3-D expert weights in its own layout), so a run died at
+    its first checkpoint; without them every MLX adapter converts. Which modules train is said and recorded."""
+    import mlx.nn as nn
+
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    keys: set[str] = set()
+    experts: set[str] = set()
+    for layer in model.layers:
+        layer.apply_to_modules(lambda path, m: keys.add(path) if isinstance(m, (nn.Linear, nn.QuantizedLinear)) else
+                               experts.add(path) if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)) else None)
+    if experts:
+        print(f"LoRA on MLX: the MoE experts ({', '.join(sorted(experts))}) are not targeted (their adapter would have "
+              "no PEFT form); attention, the router and dense layers are. BACKEND=torch trains the experts too.")
+    return keys
+
+
 class MLXSession:
     def __init__(self, cfg, plan, model, tokenizer, adapter: str | None = None):
         mx = _mx()
@@ -134,8 +159,9 @@ class MLXSession:
         mx.random.seed(cfg.seed)
         try:
             self.model, config = load_model(Path(model.path), model_config=model_config_overrides(model.path))
-        except ValueError as err:  # "Model type X not supported." and friends
-            raise UserError(f"MODEL={model.name}: mlx-lm cannot load it ({err}); {FALLBACK}") from None
+        except Exception as err:  # noqa: BLE001 -- "Model type X not supported.", a config key its ModelArgs lacks, ...
+            raise UserError(f"MODEL={model.name}: mlx-lm cannot load it ({type(err).__name__}: {first_line(err)}); "
+                            f"{FALLBACK}") from None
         # Casts floating parameters only; already-packed 4-bit weights keep their integer storage.
         self.model.set_dtype({"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}[plan.dtype])
         self.quantized = "quantization" in config  # an mlx-community 4-bit checkpoint is QLoRA-ready as is
@@ -148,6 +174,7 @@ class MLXSession:
             with open(os.path.join(adapter, interop.CONFIG), encoding="utf-8") as fh:
                 saved = json.load(fh)
             self.lora, self.lora_type = saved["lora_parameters"], saved.get("fine_tune_type", "lora")
+        self.lora.setdefault("keys", sorted(linear_keys(self.model)))
         linear_to_lora_layers(self.model, len(self.model.layers), self.lora, use_dora=self.lora_type == "dora")
         if adapter:
             self.model.load_weights(os.path.join(adapter, interop.MLX_WEIGHTS), strict=False)
@@ -387,7 +414,8 @@ class MLXSession:
 
         return {"trainable_params": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
                 "peak_memory_source": "mx.get_peak_memory()", "mlx_device": str(mx.default_device()),
-                "quantized_base": self.quantized, **self.limits}
+                "quantized_base": self.quantized, "lora_targets": sorted({k.rsplit(".", 1)[-1] for k in self.lora["keys"]}),
+                **self.limits}
 
     def peak_memory_gb(self) -> float:
         return _mx().get_peak_memory() / GB

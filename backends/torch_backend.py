@@ -185,6 +185,12 @@ class TorchSession:
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
         self.fast = model.model_type in FAST_PATH_TYPES
+        self.lora_targets = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules()
+                                    if hasattr(m, "lora_A")} - {"base_layer"})  # base_layer: PEFT's nesting, not a module
+        experts = getattr(self.base.config, "num_local_experts", None) or getattr(self.base.config, "num_experts", None)
+        if experts and "experts" not in self.lora_targets:
+            print(f"LoRA targets {', '.join(self.lora_targets)}: PEFT cannot wrap this model's MoE experts, so they stay "
+                  "frozen")
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, plan)
@@ -430,7 +436,9 @@ class TorchSession:
         source = {"cuda": "torch.cuda.max_memory_allocated()", "mps": "torch.mps.driver_allocated_memory()"}
         out = {"trainable_params": sum(p.numel() for p in self.params), "logits": "trained positions only" if self.fast
                else "full (model forward)", "peak_memory_source": source.get(self.device, "process peak RSS"),
-               "attention": self.base.config._attn_implementation}
+               "attention": self.base.config._attn_implementation,
+               # PEFT's all-linear; on MoE types it also wraps transformers 5's fused 3-D expert weights ("experts")
+               "lora_targets": self.lora_targets}
         if self.device == "cuda":  # what the caching allocator held at most; with the context, what nvidia-smi shows
             out["peak_reserved_gb"] = round(_torch().cuda.max_memory_reserved() / GB, 3)
             out["cuda_runtime_gb"] = round(self._cuda_runtime_gb, 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -52,11 +53,48 @@ def find(path: str) -> Start:
     return Start(path, peft, mlx, runs.read_record(path), base)
 
 
+# Inputs of the projections whose names every Llama-style model shares: enough to tell an adapter made for another
+# model before any weights load (the rest would fail as a size mismatch after the run directory exists).
+_INPUT_OF = {"q_proj": "hidden_size", "k_proj": "hidden_size", "v_proj": "hidden_size", "gate_proj": "hidden_size",
+             "up_proj": "hidden_size", "down_proj": "intermediate_size"}
+
+
+def check_fits(start: Start, model) -> None:
+    """Refuse an adapter whose layer count or projection sizes do not match `model` (a ModelInfo)."""
+    import re
+
+    path = os.path.join(start.peft_dir, interop.PEFT_WEIGHTS) if start.peft_dir else \
+        os.path.join(start.mlx_dir, interop.MLX_WEIGHTS)
+    for name, shape in interop.read_shapes(path).items():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= model.num_layers:
+            raise UserError(f"ADAPTER={start.path} was trained on another model: it has layer {layer.group(1)}, "
+                            f"{model.name} has {model.num_layers} layers (base named by the adapter: {start.base_model})")
+        proj = next((p for p in _INPUT_OF if f".{p}." in name), None)
+        lora_in = shape[1] if "lora_A" in name and len(shape) == 2 else \
+            shape[0] if name.endswith("lora_a") and len(shape) == 2 else None
+        expected = getattr(model, _INPUT_OF[proj]) if proj else None
+        if lora_in is not None and expected is not None and lora_in != expected:
+            raise UserError(f"ADAPTER={start.path} was trained on another model: its {proj} takes {lora_in} inputs, "
+                            f"{model.name} has {_INPUT_OF[proj]} {expected} (base named by the adapter: "
+                            f"{start.base_model})")
+
+
 def for_backend(start: Start, backend: str, base_ref: str) -> str:
     """The folder the backend loads, converting between formats when the needed one is missing."""
     have, fmt = (start.mlx_dir, "mlx") if backend == "mlx" else (start.peft_dir, "peft")
     if have:
         return have
     out = tempfile.mkdtemp(prefix="finetune-adapter-")
-    interop.convert(start.peft_dir or start.mlx_dir, fmt, out, base_ref)
+    try:
+        interop.convert(start.peft_dir or start.mlx_dir, fmt, out, base_ref)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
+
+
+def drop_converted(start: Start | None, adapter_dir: str | None) -> None:
+    """Remove the temp folder `for_backend` converted into, once the backend has loaded it."""
+    if start and adapter_dir and adapter_dir not in (start.peft_dir, start.mlx_dir):
+        shutil.rmtree(adapter_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields, replace
 
 import backends
-from finetune import export, hardware, models
+from finetune import export, hardware, models, system_prompt
 from finetune.config import Config
 from finetune.errors import UserError
 from finetune.plan import Plan
@@ -68,7 +68,8 @@ def main(args, stdin=None, out=None) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens={args.max_new_tokens}: expected a whole number >= 1")
     session, tokenizer = load_session(args.run_dir, record)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    system = args.system if args.system is not None else system_prompt.of_record(record)  # --system "" drops it
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def turn(text: str) -> None:
         history.append({"role": "user", "content": text})
@@ -85,6 +86,8 @@ def main(args, stdin=None, out=None) -> int:
         return 0
     out.write(f"Chatting with {record['run_name']} ({record['model']['name']} + adapter). /reset starts over, "
               "/exit leaves.\n")
+    if system and args.system is None:
+        out.write(f"(system prompt from the training data: {system!r}; --system \"\" drops it)\n")
     while True:
         out.write("> ")
         out.flush()
@@ -92,7 +95,7 @@ def main(args, stdin=None, out=None) -> int:
         if not line or line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":
-            del history[int(bool(args.system)):]
+            del history[int(bool(system)):]
             out.write("(history cleared)\n")
             continue
         if line.strip():
@@ -102,7 +105,10 @@ def main(args, stdin=None, out=None) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", help="a run directory (see `./run.sh runs`)")
     parser.add_argument("--prompt", default=None, help="answer this once and exit (for scripts)")
-    parser.add_argument("--system", default=None, help="system prompt for the conversation")
+    parser.add_argument("--system", default=None, help="system prompt (default: the one every training row had; "
+                        "'' for none)")
     parser.add_argument("--base", action="store_true", help="also show the base model's answer, for comparison")
-    parser.add_argument("--max-new-tokens", type=int, default=256, dest="max_new_tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    from finetune.argtypes import at_least
+
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=256, dest="max_new_tokens")
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 = greedy (the default)")

@@ -134,6 +134,9 @@ def scan(spec: str, method: str = "sft", mapping: dict | None = None, map_where:
         if form:  # Alpaca / ShareGPT train as SFT messages with no mapping
             uses = [c for c in ("instruction", "input", "output", "system", "conversations") if c in report.columns]
             report.verdicts["sft"] = {"status": "ready", "form": forms.DESCRIPTION[form], "map": {}, "uses": uses}
+        elif "messages" in report.columns and ("tools" in report.columns or _has_tool_calls(first)):
+            report.verdicts["sft"].update(form=forms.DESCRIPTION["tool-calling"],
+                                          uses=[c for c in ("messages", "tools") if c in report.columns])
     n_val = len(files[val_src]) if val_src else max(1, min(len(train) - 1, round(len(train) * val_split)))
     report.train_rows = len(train) if val_src else max(0, len(train) - n_val)
     if not train:
@@ -170,13 +173,20 @@ def _position(where: str, order: dict[str, int]) -> tuple[int, int]:
     return order.get(match.group(1), len(order)), line
 
 
+def _has_tool_calls(row: dict) -> bool:
+    turns = row.get("messages")
+    return isinstance(turns, list) and any(isinstance(m, dict) and m.get("tool_calls") for m in turns)
+
+
 # ---------------------------------------------------------------- the command
 def add_arguments(parser) -> None:
+    from finetune.argtypes import at_least
+
     parser.add_argument("path", help="file, directory with train.* (+ validation.*), 'sample', or a Hugging Face dataset id")
     parser.add_argument("--method", choices=TRAINABLE, default=None, help="method to check for (default METHOD or sft)")
     parser.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
                         help="rename a column before checking (repeatable); same as COLUMN_MAP=old=new,...")
-    parser.add_argument("--show", type=int, default=0, metavar="N", help="render N rows as training sees them")
+    parser.add_argument("--show", type=at_least(0), default=0, metavar="N", help="render N rows as training sees them")
     parser.add_argument("--json", action="store_true", help="print one JSON object (verdicts, problems, stats)")
     parser.add_argument("--model", default=None, help="model whose tokenizer and template to use (default MODEL)")
     parser.add_argument("--max-seq-length", dest="max_seq_length", default=None, metavar="N",

@@ -11,9 +11,9 @@ from typing import Any
 from finetune.data import Example
 from finetune.errors import UserError, first_line
 from finetune.shapes import Problem
-from finetune.template import IGNORE, chat_text, encode
+from finetune.template import IGNORE, chat_text, check_tools, clip, encode
 
-FULL = 10**9              # "no truncation" when measuring a row's whole length
+FULL = 1024               # tokens of a row the end-of-turn check looks at (the template's property, not the row's)
 OPEN, CLOSE = "[[", "]]"  # preview markers around tokens that carry loss
 TEMPLATE_ROWS = 50        # rows train re-encodes for the end-of-turn check (it is a property of the template)
 
@@ -32,9 +32,18 @@ def _stop_problem(encoded: list[tuple[str, Any]], tokenizer) -> Problem | None:
 
 
 def template_warnings(rows: list[Example], tokenizer) -> list[str]:
-    """For train: the end-of-turn check on a few whole (untruncated) rows; it is a property of the template."""
-    problem = _stop_problem([(ex.where, encode(ex, tokenizer, FULL)) for ex in rows[:TEMPLATE_ROWS]], tokenizer)
+    """For train: the end-of-turn check on the shortest rows, whole (untruncated); it is a property of the
+    template, and a row cut short does not end where its turn ends."""
+    shortest = [ex for ex in sorted(rows, key=chars)[:TEMPLATE_ROWS] if not clip(ex, FULL)[1]]
+    encoded = [(ex.where, enc) for ex in shortest if not (enc := encode(ex, tokenizer, FULL)).truncated]
+    problem = _stop_problem(encoded, tokenizer)
     return [str(problem)] if problem else []
+
+
+def chars(ex: Example) -> int:
+    if ex.messages is not None:
+        return sum(len(m["content"]) for m in ex.messages)
+    return len(ex.text if ex.text is not None else ex.prompt + ex.completion)
 
 
 # ---------------------------------------------------------------- tokens
@@ -60,6 +69,13 @@ def measure(report, tokenizer, max_len: int, model: str = "MODEL") -> None:
         report.problems.append(Problem(chat, f"{model} has no chat template, so chat rows cannot be rendered; use a "
                                              "chat/instruct model or plain prompt/completion rows"))
         return
+    tool_rows = [ex for ex in report.examples if ex.form == "tool-calling"]
+    if tool_rows:
+        try:
+            check_tools(tokenizer, model.removeprefix("MODEL="))
+        except UserError as err:
+            report.problems.append(Problem(tool_rows[0].where, str(err)))
+            return
     if report.prompts:  # GRPO: nothing trains here, the prompt lengths are what matter
         lengths = [len(tokenizer(chat_text(tokenizer, p, add_generation_prompt=True) if isinstance(p, list) else p)
                        ["input_ids"]) for p in report.prompts]
@@ -68,7 +84,7 @@ def measure(report, tokenizer, max_len: int, model: str = "MODEL") -> None:
     encoded, long_rows, cut_rows, trained, kept = [], [], [], 0, 0
     for ex in report.examples:
         try:
-            enc = encode(ex, tokenizer, FULL)
+            enc = encode(ex, tokenizer, 2 * max_len)  # the length past MAX_SEQ_LENGTH, bounded: see template.clip
         except Exception as err:  # UserError from the mask, or the template's own raise_exception()
             message = first_line(err, 10 ** 6)
             report.problems.append(Problem(ex.where, message.removeprefix(f"{ex.where}: ") if isinstance(err, UserError)
@@ -78,7 +94,7 @@ def measure(report, tokenizer, max_len: int, model: str = "MODEL") -> None:
         within = enc.labels[:max_len]
         trained += sum(1 for x in within if x != IGNORE)
         kept += len(within)
-        if len(enc.input_ids) > max_len:
+        if enc.truncated or len(enc.input_ids) > max_len:
             long_rows.append(ex.where)
         if all(x == IGNORE for x in within):
             cut_rows.append(ex.where)

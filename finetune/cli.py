@@ -24,8 +24,16 @@ def _train_parser(sub) -> None:
             p.add_argument(flag_name(name), dest=name, default=None, metavar=name.upper(), help=f.metadata["help"])
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as ours: one `error:` line naming the command and the argument, exit code 2 (argparse
+    prints its usage block first, which buries the line that matters)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="LoRA fine-tuning on the machine in front of you.")
+    parser = OneLineParser(prog="finetune", description="LoRA fine-tuning on the machine in front of you.")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
     doctor = sub.add_parser("doctor", help="what this machine has and which backend would run")
@@ -94,6 +102,8 @@ def export_command(args) -> int:
             return 0
     if not args.run_dir or not (args.merge or args.gguf):
         raise UserError("export needs a RUN_DIR and --merge and/or --gguf TYPE (e.g. --gguf q4_k_m)")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder that does not exist yet")
     quants = [export.check_quant(q) for q in args.gguf]  # every type checked before any work starts
     if args.merge:
         print(f"wrote {export.merge(args.run_dir, args.out if not quants else None)}")
@@ -160,3 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `finetune check-data x | head`: the reader stopped reading, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet too
+        return 141  # 128 + SIGPIPE, as a shell reports it

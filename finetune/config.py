@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -54,7 +55,7 @@ class Config:
     group_by_length: bool = field(default=False, metadata=_opt(
         "order rows so a step's rows have similar lengths (less padding, faster; off: every step a random draw, "
         "which bench/quality.py found better on mixed-task data)"))
-    seed: int = field(default=42, metadata=_opt("random seed (data split, init, sampling)", lo=0))
+    seed: int = field(default=42, metadata=_opt("random seed (data split, init, sampling)", lo=0, hi=2 ** 32 - 1))
     gradient_checkpointing: str = field(default="auto", metadata=_opt(
         "recompute activations to save memory", choices=("auto", "on", "off")))
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=("auto", "fp32", "bf16", "fp16")))
@@ -78,7 +79,8 @@ class Config:
     beta: float | None = field(default=None, metadata=_opt(
         "DPO: strength of the preference (auto 0.1); GRPO: weight of the KL to the reference (auto 0 = off)", lo=0))
     rpo_alpha: float | None = field(default=None, metadata=_opt(
-        "DPO: weight of the chosen answers' NLL added to the loss (RPO, TRL's rpo_alpha; auto 1; 0 = plain DPO)", lo=0))
+        "DPO / KTO: weight of the chosen (thumbs-up) answers' NLL added to the loss (RPO, TRL's rpo_alpha; auto 1; "
+        "0 = plain DPO / KTO)", lo=0))
     reward: str | None = field(default=None, metadata=_opt(
         "GRPO rewards, comma-separated: built-ins (see README) or file.py:function (auto: from the data)"))
     num_generations: int = field(default=4, metadata=_opt("GRPO: completions sampled per prompt", lo=2))
@@ -99,6 +101,9 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 AUTO = "auto"
+MAX_VALUE_CHARS = 4096       # a path's limit on Linux; no setting needs more
+MAX_CONFIG_BYTES = 1 << 20   # a settings file is a few lines: refuse anything that could be a bomb before parsing
+_KIND_TEXT = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
 def env_name(name: str) -> str:
@@ -123,6 +128,10 @@ def parse_value(name: str, raw: Any, where: str) -> Any:
     optional = "None" in str(f.type)
     if optional and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "auto", "none"))):
         return None
+    if isinstance(raw, (list, dict, set, tuple)):  # before any str(): YAML aliases can make one grow to gigabytes
+        raise UserError(f"{where} is not valid: expected {_KIND_TEXT[kind]}, got a YAML {type(raw).__name__}")
+    if isinstance(raw, str) and len(raw) > MAX_VALUE_CHARS:
+        raise UserError(f"{where} is not valid: {len(raw):,} characters (at most {MAX_VALUE_CHARS:,})")
     try:
         if kind is bool:
             value = raw if isinstance(raw, bool) else {"1": True, "true": True, "yes": True, "on": True,
@@ -140,7 +149,7 @@ def parse_value(name: str, raw: Any, where: str) -> Any:
         else:
             value = str(raw).strip()
     except (ValueError, KeyError):
-        expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[kind]
+        expected = _KIND_TEXT[kind]
         raise UserError(f"{where}={raw!r} is not valid: expected {expected}{_range_text(meta)}") from None
     if meta["choices"] and value not in meta["choices"]:
         raise UserError(f"{where}={raw!r} is not valid: choose one of {', '.join(meta['choices'])}")
@@ -158,15 +167,16 @@ def _range_text(meta: dict) -> str:
     if lo is not None:
         parts.append(f"{'>' if meta['lo_open'] else '>='} {lo:g}")
     if hi is not None:
-        parts.append(f"<= {hi:g}")
+        parts.append(f"<= {hi}" if isinstance(hi, int) else f"<= {hi:g}")
     return ", " + " and ".join(parts)
 
 
 def read_yaml(path: str) -> dict:
     import yaml  # local: keeps `finetune doctor` import-light
 
-    if not os.path.isfile(path):
-        raise UserError(f"--config {path}: file not found")
+    from finetune import fsio
+
+    fsio.check_regular_file(path, f"--config {path}", MAX_CONFIG_BYTES)
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
@@ -182,7 +192,11 @@ def read_yaml(path: str) -> dict:
         raise UserError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
     for key in data:
         if key not in FIELDS or FIELDS[key].metadata["cli_only"]:
-            raise UserError(f"{path}: unknown key '{key}'; allowed keys: {', '.join(settable_fields())}")
+            import difflib
+
+            close = difflib.get_close_matches(str(key), settable_fields(), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "README's Settings table lists every key"
+            raise UserError(f"{path}: unknown key '{str(key)[:80]}'; {hint}")
     return data
 
 
@@ -214,8 +228,23 @@ def resolve(cli: Mapping[str, Any], env: Mapping[str, str] | None = None,
         values[name] = raw if isinstance(raw, bool) else parse_value(name, raw, flag_name(name))
         sources[name] = "cli"
     cfg = Config(**values)
+    where = lambda name: {"cli": flag_name(name), "env": env_name(name)}.get(sources[name], f"{yaml_path}: {name}")  # noqa: E731
     allowed = (AUTO, *known_backends)
     if known_backends and cfg.backend not in allowed:
-        where = {"cli": "--backend", "env": "BACKEND"}.get(sources["backend"], f"{yaml_path}: backend")
-        raise UserError(f"{where}={cfg.backend!r} is not valid: choose one of {', '.join(allowed)}")
+        raise UserError(f"{where('backend')}={cfg.backend!r} is not valid: choose one of {', '.join(allowed)}")
+    if cfg.run_name is not None and (cfg.run_name in (".", "..") or any(c in cfg.run_name for c in "/\\\0")):
+        raise UserError(f"{where('run_name')}={cfg.run_name!r} is not valid: a run name is one folder name (no '/', "
+                        "no '..'); OUTPUT_DIR chooses where a run goes")
+    if cfg.push_to_hub is not None:
+        check_repo_id(cfg.push_to_hub, where("push_to_hub"))
     return cfg, sources
+
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the Hub's rule
+
+
+def check_repo_id(repo: str, where: str = "--repo") -> str:
+    """A Hub repo id, `user/name`, checked before anything trains or uploads."""
+    if not REPO_ID.match(repo or "") or "--" in repo or ".." in repo:
+        raise UserError(f"{where}={repo!r} is not a Hub repo id; write it as user/name (letters, digits, . _ -)")
+    return repo

@@ -5,28 +5,26 @@ The four SFT shapes (same names as TRL's dataset formats) become one `Example`:
     {"prompt": str, "completion": str}            -> Example(prompt, completion)  completion + EOS trained
     {"messages": [...]}                           -> Example(messages)            assistant turns trained
     {"prompt": [msgs], "completion": [msgs]}      -> Example(messages, train_from=len(prompt))
-Local files are parsed here (not by `datasets`) so a bad row can be reported as file:line. Reading
+Local files are parsed by finetune/readers.py (not by `datasets`) so a bad row can be reported as file:line. Reading
 and row checks collect every problem instead of stopping at the first, so `finetune check-data` and
 `train` share them: check-data prints them all, `load` raises them (capped) as one DataError.
 COLUMN_MAP ("question=prompt,answer=completion") renames columns before any shape is detected.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from finetune import forms
-from finetune.errors import UserError, first_line
+from finetune import forms, fsio
+from finetune.errors import UserError
+from finetune.readers import FILE_EXTS, columns, iter_rows, read_file  # noqa: F401 (data.read_file etc. stay importable)
 from finetune.shapes import (FORMS, ROLES, Problem, has_assistant, kind, map_flags, messages,  # noqa: F401 (re-exports)
-                             parse_column_map, rename, suggest_map, text)
+                             parse_column_map, suggest_map, text, tools_column)
 
-FILE_EXTS = (".jsonl", ".json", ".csv", ".parquet")
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+MAX_FILE_BYTES = 16 << 30  # a local file is read whole into memory: refuse what this could never hold
 MAX_LISTED = 20           # problems listed in one error message; check-data --json has them all
 UNKNOWN_SHAPE = "unknown row shape"
 
@@ -40,6 +38,7 @@ class Example:
     text: str | None = None              # plain language-modelling rows
     where: str = ""                      # "file:line", for messages about this row
     form: str | None = None              # a community form it was read from (finetune/forms.py: alpaca, sharegpt)
+    tools: list | None = None            # function schemas for the chat template (tool-calling rows)
 
     @property
     def shape(self) -> str:
@@ -75,164 +74,6 @@ class DataError(UserError):
         super().__init__("\n  ".join(lines))
 
 
-# ---------------------------------------------------------------- reading rows
-def iter_rows(path: str) -> Iterator[tuple[str, Any, str | None]]:
-    """Yield (where, row, None) per row, or (where, None, message) for what cannot be read. A bad
-    line of a .jsonl/.csv does not stop reading, so every one can be reported; a file-level problem
-    (empty, UTF-16, broken .json) is yielded with where = the path and ends the file."""
-    if path.startswith("hf:"):
-        yield from _hub_rows(path[3:])
-        return
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FILE_EXTS:
-        yield path, None, f"unsupported file type '{ext}'; use one of {', '.join(FILE_EXTS)}"
-        return
-    if os.path.getsize(path) == 0:
-        yield path, None, "the file is empty"
-        return
-    if ext == ".parquet":
-        yield from _parquet(path)
-        return
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        yield path, None, "the file is UTF-16 text; re-save it as UTF-8"
-        return
-    if ext == ".jsonl":
-        yield from _jsonl(path, raw)
-        return
-    try:
-        decoded = raw.decode("utf-8-sig")  # -sig: a byte-order mark from Windows editors is harmless
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        yield f"{path}:{line}", None, f"not UTF-8 text (byte {err.start}); re-save the file as UTF-8"
-        return
-    yield from (_json(path, decoded) if ext == ".json" else _csv(path, decoded))
-
-
-def _jsonl(path: str, raw: bytes) -> Iterator[tuple[str, Any, str | None]]:
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        where = f"{path}:{n}"
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield where, None, f"not UTF-8 text (byte {err.start} of the line); re-save the file as UTF-8"
-            continue
-        s = s.lstrip("\ufeff") if n == 1 else s
-        if not s.strip():
-            continue
-        try:
-            yield where, json.loads(s), None
-        except json.JSONDecodeError as err:
-            if n == 1 and s.strip() in ("[", "{"):  # one pretty-printed document: every later line would fail too
-                yield where, None, ("not valid JSON: the file looks like one JSON document over many lines; "
-                                    "a .jsonl file needs one object per line (or name a JSON list .json)")
-                return
-            yield where, None, f"not valid JSON ({err.msg} at column {err.colno})"
-
-
-def _json(path: str, decoded: str) -> Iterator[tuple[str, Any, str | None]]:
-    try:
-        data = json.loads(decoded)
-    except json.JSONDecodeError as err:
-        yield (f"{path}:{err.lineno}", None, f"not valid JSON ({err.msg} at column {err.colno}); a .json file "
-               "must hold one list of rows (use .jsonl for one row per line)")
-        return
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list) \
-            and all(isinstance(r, dict) for r in next(iter(data.values()))):
-        data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
-    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
-            and len({len(v) for v in data.values()}) == 1:
-        data = [dict(zip(data, values)) for values in zip(*data.values())]  # columnar {"prompt": [...], ...}
-    if not isinstance(data, list):
-        yield path, None, f"a .json file must hold a list of rows, got {kind(data)}"
-        return
-    for i, row in enumerate(data):
-        yield f"{path}: row {i + 1}", row, None
-
-
-def _csv(path: str, decoded: str) -> Iterator[tuple[str, Any, str | None]]:
-    reader = csv.reader(io.StringIO(decoded, newline=""))
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        twice = next((h for h in header if header.count(h) > 1), None)
-        if twice is not None:
-            yield f"{path}:1", None, f"the header repeats column '{twice}'; rename one of them"
-            return
-        start = reader.line_num + 1
-        for record in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines
-            if not any(cell.strip() for cell in record):
-                continue
-            if len(record) != len(header):
-                fix = ("more", "quote fields that contain commas") if len(record) > len(header) else \
-                    ("fewer", "write an empty value as an empty field")
-                yield where, None, f"{len(record)} fields, {fix[0]} than the header's {len(header)} columns ({fix[1]})"
-                continue
-            yield where, dict(zip(header, record)), None
-    except csv.Error as err:
-        yield f"{path}:{reader.line_num}", None, f"not valid CSV ({err})"
-
-
-def _parquet(path: str) -> Iterator[tuple[str, Any, str | None]]:
-    import pyarrow.parquet as pq  # ships with `datasets`
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises many types for corrupt files
-        yield path, None, f"not a readable Parquet file ({first_line(err)})"
-        return
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}: row {i + 1}", row, None
-
-
-def _hub_rows(name: str) -> Iterator[tuple[str, Any, str | None]]:
-    """A Hugging Face dataset id through `datasets` (uses its cache; HF_HUB_OFFLINE=1 reads the cache only)."""
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as err:  # network, missing dataset, offline cache miss: all end the same way for the user
-        reason = first_line(err, 200)
-        raise UserError(f"DATASET={name}: not a local path and could not be loaded from the Hugging Face Hub "
-                        f"({reason}); pass a local .jsonl/.json/.csv/.parquet file") from None
-    for i, row in enumerate(ds):
-        yield f"{name}: row {i + 1}", row, None
-
-
-def read_file(path: str, mapping: dict[str, str] | None = None,
-              map_where: str = "COLUMN_MAP") -> tuple[list[tuple[str, Any]], list[Problem]]:
-    """Every readable row, renamed by `mapping`, plus a Problem for each line that could not be read."""
-    rows, problems, seen = [], [], set()
-    for where, row, message in iter_rows(path):
-        if message:
-            problems.append(Problem(where, message))
-            continue
-        seen.update(row if isinstance(row, dict) else ())
-        row, clash = rename(row, mapping or {})
-        if clash:
-            problems.append(Problem(where, clash))
-            continue
-        rows.append((where, row))
-    if not rows and not problems:
-        problems.append(Problem(path, "no rows found"))
-    for src in mapping or {}:
-        if rows and src not in seen:
-            problems.append(Problem(path, f"{map_where} maps '{src}', but no row has a '{src}' column "
-                                          f"(columns: {', '.join(columns(rows))})"))
-    return rows, problems
-
-
-def columns(rows: list[tuple[str, Any]]) -> list[str]:
-    """Column names across rows, in first-seen order."""
-    out: dict[str, None] = {}
-    for _, row in rows:
-        out.update(dict.fromkeys(map(str, row)) if isinstance(row, dict) else {})
-    return list(out)
-
-
 # ---------------------------------------------------------------- row -> Example
 def _unknown_shape(row: dict) -> str:
     cols = [str(k) for k in row]
@@ -260,12 +101,14 @@ def check_row(row: Any, where: str) -> tuple[Example | None, list[Problem]]:
         ex = Example(messages=msgs, where=where, form=form) if msgs else None
     elif "messages" in row:
         msgs = messages(row["messages"], where, "messages", problems)
+        tools = tools_column(row, where, problems)
         if msgs is not None and not has_assistant(msgs):
             problems.append(Problem(where, "'messages' has no non-empty assistant turn to learn from"))
         elif msgs and msgs[-1]["role"] != "assistant":
             problems.append(Problem(where, f"the last turn is '{msgs[-1]['role']}', not assistant, so it teaches "
                                            "nothing; drop it", "warning"))
-        ex = Example(messages=msgs, where=where) if msgs else None
+        calls = tools or any(m.get("tool_calls") for m in msgs or [])
+        ex = Example(messages=msgs, where=where, tools=tools, form="tool-calling" if calls else None) if msgs else None
     elif ("prompt" in row and "completion" in row) or ("text" not in row and ("prompt" in row or "completion" in row)):
         ex = _prompt_completion(row, where, problems)
     elif "text" in row:
@@ -323,15 +166,34 @@ def load_file(path: str, mapping: dict[str, str] | None = None) -> tuple[list[Ex
     """(examples, problems) of one file; problems include errors, which `load` raises together."""
     rows, problems = read_file(path, mapping)
     examples, row_problems = examples_from(rows)
+    used = forms.USED[examples[0].form] if examples and examples[0].form else forms.TRL_COLUMNS
+    unused = [c for c in columns(rows) if c not in used]
+    if examples and unused:  # e.g. 'images': a text model never sees them, and nobody should think it did
+        row_problems.append(Problem(path, f"column{'s' if len(unused) > 1 else ''} {', '.join(unused[:8])} "
+                                          f"{'are' if len(unused) > 1 else 'is'} not used by training (ignored)", "warning"))
     return examples, problems + row_problems
 
 
 # ---------------------------------------------------------------- dataset spec -> splits
-def _split_files(directory: str) -> tuple[str | None, str | None]:
-    names = sorted(os.listdir(directory))
-    pick = lambda stems: next((os.path.join(directory, n) for n in names  # noqa: E731
-                               if os.path.splitext(n)[0] in stems and n.endswith(FILE_EXTS)), None)
-    return pick(("train",)), pick(("validation", "valid", "val", "eval", "test"))
+VALIDATION_STEMS = ("validation", "valid", "val", "eval", "test")
+
+
+def _split_files(directory: str, label: str) -> tuple[str | None, str | None]:
+    """train.* and the validation file of a dataset folder; two candidates for either is an error, since picking
+    one would silently drop the other."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as err:
+        raise UserError(f"{label}: the folder cannot be read ({err.strerror})") from None
+
+    def pick(stems: tuple[str, ...], role: str) -> str | None:
+        found = [n for n in names if os.path.splitext(n)[0] in stems and n.endswith(FILE_EXTS)]
+        if len(found) > 1:
+            raise UserError(f"{label}: the folder has {len(found)} {role} files ({', '.join(found)}); keep one "
+                            "(or move the others out)")
+        return os.path.join(directory, found[0]) if found else None
+
+    return pick(("train",), "training"), pick(VALIDATION_STEMS, "validation")
 
 
 def locate(spec: str, label: str | None = None) -> tuple[str, str | None, str]:
@@ -339,14 +201,16 @@ def locate(spec: str, label: str | None = None) -> tuple[str, str | None, str]:
     label = label or f"DATASET={spec}"
     directory = SAMPLE_DIR if spec == "sample" else spec
     if os.path.isdir(directory):
-        train_path, val_path = _split_files(directory)
+        train_path, val_path = _split_files(directory, label)
         if train_path is None:
             raise UserError(f"{label}: directory has no train.jsonl/.json/.csv/.parquet")
+        for path in (train_path, val_path):
+            if path:
+                fsio.check_regular_file(path, f"{label}: {os.path.basename(path)}", MAX_FILE_BYTES)
         return train_path, val_path, directory
-    if os.path.isfile(spec):
+    if os.path.lexists(spec) or os.path.splitext(spec)[1].lower() in FILE_EXTS or spec.startswith((".", "/", "~")):
+        fsio.check_regular_file(spec, label, MAX_FILE_BYTES)
         return spec, None, spec
-    if os.path.splitext(spec)[1].lower() in FILE_EXTS or spec.startswith((".", "/", "~")):
-        raise UserError(f"{label}: file not found")
     return f"hf:{spec}", None, f"hf:{spec}"
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from finetune import fsio, runs
+from finetune import fsio, runs, system_prompt
 from finetune.errors import UserError
 
 CONVERTER_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -24,11 +24,12 @@ QUANTS = CONVERTER_TYPES + K_QUANTS
 
 def load_run(run_dir: str, what: str = "RUN_DIR") -> dict:
     """run.json of a run directory that has an adapter, or a one-line error saying what is missing."""
-    if not os.path.isdir(run_dir):
-        raise UserError(f"{what}={run_dir}: not a directory; give a run directory (see `./run.sh runs`)")
-    record = runs.read_record(run_dir)
-    if record is None:
-        raise UserError(f"{what}={run_dir}: not a run directory (no readable run.json)")
+    record = runs.record_of(run_dir, what)
+    if not isinstance(record.get("model"), dict) or not isinstance(record["model"].get("name"), str):
+        raise UserError(f"{what}={run_dir}: run.json is damaged (it does not name the base model)")
+    missing = [k for k in ("config", "plan") if not isinstance(record.get(k), dict)]
+    if missing or not isinstance(record.get("run_name"), str):
+        raise UserError(f"{what}={run_dir}: run.json is damaged (no {', '.join(missing) or 'run_name'})")
     if not os.path.isfile(os.path.join(run_dir, "adapter_model.safetensors")):
         raise UserError(f"{what}={run_dir}: has no adapter (adapter_model.safetensors); the run stopped before "
                         f"training anything (status {runs.status(run_dir, record)})")
@@ -112,7 +113,7 @@ def gguf(run_dir: str, quant: str, out: str | None = None) -> list[str]:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     modelfile = os.path.join(out, f"Modelfile.{q}")
-    fsio.write_text(modelfile, ollama_modelfile(name, merged))
+    fsio.write_text(modelfile, ollama_modelfile(name, merged, system_prompt.of_record(record)))
     return [target, modelfile]
 
 
@@ -138,9 +139,10 @@ def _default_system(tokenizer) -> str | None:
     return None
 
 
-def ollama_modelfile(gguf_name: str, model_dir: str) -> str:
+def ollama_modelfile(gguf_name: str, model_dir: str, system: str | None = None) -> str:
     """A Modelfile with the model's chat template and stop tokens (ChatML and Llama 3 templates are written out;
-    for others Ollama reads the template llama.cpp's converter stored in the GGUF)."""
+    for others Ollama reads the template llama.cpp's converter stored in the GGUF). SYSTEM is the training data's
+    system prompt when its rows shared one, else the template's own default."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -158,7 +160,7 @@ def ollama_modelfile(gguf_name: str, model_dir: str) -> str:
     if tok.eos_token and tok.eos_token not in stops:
         stops.append(tok.eos_token)
     lines += [f'PARAMETER stop "{s}"' for s in stops]
-    system = _default_system(tok)
+    system = system or _default_system(tok)
     if system:
         lines.append(f'SYSTEM """{system}"""')
     gen = os.path.join(model_dir, "generation_config.json")

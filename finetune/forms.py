@@ -18,8 +18,12 @@ TRL_COLUMNS = ("messages", "prompt", "completion", "text")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "bot": "assistant", "chatgpt": "assistant", "function_call": "assistant", "system": "system",
                   "tool": "tool", "function": "tool", "observation": "tool"}
+USED = {"alpaca": ("instruction", "input", "output", "system"), "sharegpt": ("conversations",),  # columns read
+        "tool-calling": ("messages", "tools")}
 DESCRIPTION = {"alpaca": "alpaca: instruction (+ input) -> user turn, output -> assistant turn, system if present",
-               "sharegpt": "sharegpt: conversations from/value, human -> user, gpt -> assistant, system, tool"}
+               "sharegpt": "sharegpt: conversations from/value, human -> user, gpt -> assistant, system, tool",
+               "tool-calling": "tool-calling: messages with assistant tool_calls and tool results, 'tools' schemas "
+                               "rendered by the chat template; tool calls and answers train, tool results do not"}
 
 
 def detect(row: dict) -> str | None:

@@ -94,7 +94,19 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, data) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Strict JSON: a NaN or infinite number (a diverged loss) is written as null, which every reader accepts."""
+    write_text(path, json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def finite(value):
+    """`value` with every non-finite float replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def build_dir(final: str, build: Callable[[str], None]) -> str:
@@ -132,3 +144,34 @@ def ensure_writable_dir(path: str, what: str) -> None:
         probe.close()
     except OSError as err:
         raise UserError(f"{what}={path} cannot be used: {describe_os_error(err)}") from None
+
+
+def check_regular_file(path: str, label: str, max_bytes: int | None = None) -> int:
+    """`label` names the file in messages (e.g. "DATASET=x.jsonl"). The size of `path` when it is a readable regular file (links followed) of at most `max_bytes`; otherwise a
+    one-line error saying what it is instead. Reading a FIFO or /dev/zero would hang or never end."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{label}: a symbolic link that points back to itself (a loop)") from None
+        if err.errno == errno.ENOENT and os.path.islink(path):
+            raise UserError(f"{label}: a symbolic link to {os.readlink(path)}, which does not exist") from None
+        if err.errno == errno.ENOENT:
+            raise UserError(f"{label}: file not found") from None
+        raise UserError(f"{label} cannot be read: {describe_os_error(err)}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{label}: is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else \
+            "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a regular file"
+        raise UserError(f"{label}: is {kind}; give a regular file")
+    if path.startswith("/proc/") or path.startswith("/sys/"):  # sizes there are 0 or fictional
+        raise UserError(f"{label}: is a kernel file, not a data file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise UserError(f"{label}: {info.st_size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} MB "
+                        "such a file can be")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{label} cannot be read: permission denied")
+    return info.st_size

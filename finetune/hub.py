@@ -7,27 +7,20 @@ staged from an allow-list of files, and run.json is scanned for it before it lea
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 
 from finetune import export, outputs
+from finetune.config import check_repo_id  # noqa: F401 (hub.check_repo_id is the Hub's rule, kept where it was)
 from finetune.errors import UserError
 
 # Set by the Jobs launcher in the job's environment: the push names it in its commit message, so `jobs pull`
 # downloads the commit that job made, not whatever `main` holds by then.
 SUBMISSION = "FINETUNE_SUBMISSION"
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 WHAT = ("adapter", "merged", "gguf")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
                  "run.json", "report.md", "loss.png", "metrics.jsonl")
-
-
-def check_repo_id(repo: str, where: str = "--repo") -> str:
-    if not REPO_ID.match(repo or "") or "--" in repo or ".." in repo:
-        raise UserError(f"{where}={repo!r} is not a Hub repo id; write it as user/name (letters, digits, . _ -)")
-    return repo
 
 
 def token() -> str:
@@ -89,6 +82,10 @@ def model_card(record: dict, repo: str, what: str) -> str:
     if table:
         lines += ["", "## Before / after (held-out rows)", "", table]
     lines += ["", "## Use it", ""]
+    system = (record.get("data") or {}).get("system_prompt")
+    if system:
+        lines += ["Every training row began with this system prompt; send it as the first message:", "", "```text",
+                  system, "```", ""]
     if what == "adapter":
         lines += ["PEFT:", "", "```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -107,6 +104,15 @@ def model_card(record: dict, repo: str, what: str) -> str:
 
 def _stage(run_dir: str, record: dict, repo: str, what: str, secret: str) -> str:
     stage = tempfile.mkdtemp(prefix="finetune-push-")
+    try:
+        _fill_stage(stage, run_dir, record, repo, what, secret)
+    except BaseException:  # a refusal or a failed copy leaves no temp folder behind
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def _fill_stage(stage: str, run_dir: str, record: dict, repo: str, what: str, secret: str) -> None:
     if what == "adapter":
         for name in ADAPTER_FILES:
             if os.path.isfile(os.path.join(run_dir, name)):
@@ -132,9 +138,7 @@ def _stage(run_dir: str, record: dict, repo: str, what: str, secret: str) -> str
         for name in names:
             with open(os.path.join(root_dir, name), "rb") as fh:
                 if secret.encode() in fh.read():
-                    shutil.rmtree(stage, ignore_errors=True)
                     raise UserError(f"refusing to push: {name} contains your Hugging Face token; remove it first")
-    return stage
 
 
 def push_run(run_dir: str, repo: str, what: str = "adapter", private: bool = False) -> str:

@@ -35,6 +35,19 @@ _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def read_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a .safetensors header alone (no tensor data is read)."""
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > min(os.path.getsize(path) - 8, 100 << 20):
+                raise ValueError
+            header = json.loads(fh.read(size))
+        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
+        raise UserError(f"{path} is not a whole safetensors file (truncated or corrupt); re-create or re-download it") from None
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as numpy. bf16 (which numpy lacks) is widened to fp32, exactly."""
     bad = UserError(f"{path} is not a whole safetensors file (truncated or corrupt); re-create or re-download it")

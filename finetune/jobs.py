@@ -158,7 +158,7 @@ def pull(args) -> int:
             hint = f" ({TIMEOUT_HINT})" if _timed_out(job) else f"; last lines: {' | '.join(tail)}" if tail else ""
         raise UserError(f"job {args.job} is {stage}, nothing to pull: it pushed nothing to {repo}{hint}")
     out = args.out or os.path.join("outputs", labels.get("finetune-run", args.job))
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"{out} already exists; choose another --out (runs are never overwritten)")
 
     def build(tmp: str) -> None:

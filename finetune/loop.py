@@ -15,7 +15,9 @@ continues the same computation.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from finetune.checkpoint import LoopState  # noqa: F401 - train and callers use 
 from finetune.errors import UserError, first_line
 
 GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
+STOP_GRACE_S = float(os.environ.get("FINETUNE_STOP_GRACE_S", "120"))  # after a stop signal, the step gets this long
 NONFINITE_LIMIT = 5  # steps in a row whose loss or gradient is inf/NaN (each skipped, never applied) before stopping
 
 
@@ -46,8 +49,9 @@ class NonFinite(UserError):
                          "DTYPE=bf16 / fp32 where fp16 overflows")
 
 
-class Stopped(Exception):
-    """A signal asked the run to stop; a checkpoint and the adapter were saved at `step`."""
+class Stopped(BaseException):
+    """A signal asked the run to stop; a checkpoint and the adapter were saved at `step`. A BaseException, like
+    KeyboardInterrupt: raised from the signal handler, it must pass through user code's `except Exception`."""
 
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step
@@ -59,19 +63,28 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """SIGINT / SIGTERM set a flag the loop checks between steps (a step is never cut in half). A second
-    Ctrl-C raises KeyboardInterrupt at once: every file is written atomically, so nothing on disk breaks."""
+    """SIGINT / SIGTERM stop the run. Inside the training loop (`in_step`) the first one sets a flag the loop checks
+    between steps, so a step is never cut in half and a checkpoint is saved; anywhere else (loading, evaluation)
+    there is nothing to finish, so it stops at once. A second signal, or STOP_GRACE_S without the step finishing (a
+    hanging reward function), raises KeyboardInterrupt: every file is written atomically, so nothing on disk breaks."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.in_step = False
         self._old: dict = {}
+        self._timer: threading.Timer | None = None
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if not self.in_step:
+            raise Stopped(signum, -1)
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and the adapter "
-              "(Ctrl-C again stops at once)", flush=True)
+              f"(a second Ctrl-C, or {STOP_GRACE_S:g} s without the step ending, stops at once)", flush=True)
+        self._timer = threading.Timer(STOP_GRACE_S, os.kill, (os.getpid(), signal.SIGINT))
+        self._timer.daemon = True
+        self._timer.start()
 
     def check(self, step: int) -> None:
         """Between phases (after loading, after the first evaluation): stop now if asked to."""
@@ -84,6 +97,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._timer:
+            self._timer.cancel()
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
@@ -138,15 +153,22 @@ def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedul
 
 
 def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: LoopState, stop: StopRequest) -> LoopResult:
-    items = prepared.train
     per_step = method.draws_per_step(plan.batch_size, plan.grad_accum, cfg)
-    order = DataOrder([x.length for x in items], per_step, cfg.seed, cfg.group_by_length)
-    save_every = plan.save_steps
+    order = DataOrder([x.length for x in prepared.train], per_step, cfg.seed, cfg.group_by_length)
     warmup = int(cfg.warmup_ratio * plan.max_steps)
-    if checkpoint.latest(run_dir) is None:
-        checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
+    stop.in_step = True  # from here a stop signal waits for the step (and its checkpoint)
+    try:
+        return _steps(session, method, prepared, cfg, plan, run_dir, progress, state, stop, order, per_step, warmup)
+    finally:
+        stop.in_step = False
+
+
+def _steps(session, method, prepared, cfg, plan, run_dir, progress, state, stop, order, per_step, warmup) -> LoopResult:
+    items, save_every = prepared.train, plan.save_steps
     window: list[float] = []
     final_loss, bad_in_row = None, 0
+    if checkpoint.latest(run_dir) is None:
+        checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
     while state.step < plan.max_steps:
         if stop.signum is not None:
             checkpoint.save(run_dir, session, state, cfg.save_total)

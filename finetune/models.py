@@ -126,6 +126,10 @@ def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"MODEL={name}: directory has no config.json (expected a Hugging Face model folder)")
+        if not any(n.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+                   for n in os.listdir(name)):
+            raise UserError(f"MODEL={name}: the folder has no weights (*.safetensors or pytorch_model.bin); copy "
+                            "them in, or give a Hub id")
         return info_from_config(name, name, _read_config(name), source="local"), None
     if _looks_local(name) or os.path.exists(name):
         raise UserError(f"MODEL={name}: folder does not exist ({os.path.abspath(os.path.expanduser(name))}); "

@@ -147,7 +147,7 @@ def stop_log(tees: tuple[Tee, Tee]) -> None:
 def write_metrics(path: str, records: list[dict]) -> None:
     import json
 
-    fsio.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    fsio.write_text(path, "".join(json.dumps(fsio.finite(r), allow_nan=False) + "\n" for r in records))
 
 
 def plot_loss(records: list[dict], path: str, title: str) -> None:
@@ -222,7 +222,8 @@ def report_text(run: dict, before: dict, after: dict) -> str:
               f"The adapter is in `{run_dir}` (PEFT: `adapter_model.safetensors` + `adapter_config.json`)"
               + (f", and in mlx-lm format in `{run_dir}/mlx`." if run.get("mlx_adapter") else "."), "",
               "```bash",
-              f"./run.sh chat {run_dir}                       # talk to it",
+              f"./run.sh chat {run_dir}                       # talk to it"
+              + (" (under the data's system prompt)" if (run.get("data") or {}).get("system_prompt") else ""),
               f"./run.sh export {run_dir} --merge             # a merged model folder",
               f"./run.sh export {run_dir} --gguf q4_k_m       # GGUF for llama.cpp / Ollama / LM Studio",
               f"./run.sh convert {run_dir} --to mlx --out {run_dir}/mlx-copy   # mlx-lm adapter",

@@ -217,8 +217,15 @@ def memory_budget(hw: Hardware, device: str) -> tuple[str, float, float]:
     return "ram", total, budget
 
 
-def pick_dtype(hw: Hardware, device: str, cfg_dtype: str, num_params: int | None = None) -> tuple[str, str]:
-    """(dtype, reason). `num_params` matters on the CPU only (see CPU_BF16_MIN_PARAMS)."""
+# Types whose activations overflow fp16's range (Gemma's scaled embeddings and soft-capped logits; their model cards
+# say bf16 or fp32): on a GPU without bf16 they train in fp32 rather than in fp16 that turns to inf/NaN.
+FP16_OVERFLOWS = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+
+
+def pick_dtype(hw: Hardware, device: str, cfg_dtype: str, num_params: int | None = None,
+               model_type: str | None = None) -> tuple[str, str]:
+    """(dtype, reason). `num_params` matters on the CPU only (see CPU_BF16_MIN_PARAMS); `model_type` on GPUs without
+    bf16 (FP16_OVERFLOWS)."""
     if cfg_dtype != "auto":
         return cfg_dtype, f"dtype {cfg_dtype}: set by you"
     if device == "cuda":
@@ -226,6 +233,8 @@ def pick_dtype(hw: Hardware, device: str, cfg_dtype: str, num_params: int | None
         if gpu and gpu.bf16:
             return "bf16", f"dtype bf16: {gpu.name} supports bf16 (compute capability {gpu.compute_capability})"
         name = gpu.name if gpu else "this GPU"
+        if model_type in FP16_OVERFLOWS:
+            return "fp32", f"dtype fp32: {name} has no bf16, and {model_type} overflows fp16 (its cards say bf16/fp32)"
         return "fp16", f"dtype fp16: {name} has no bf16 (compute capability < 8.0)"
     if device == "mps":
         if "M1" in hw.chip:
@@ -297,7 +306,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     batches are padded to their longest row, never to MAX_SEQ_LENGTH. `trained_share` is the share of tokens
     that carry loss (logits exist only there); `sampled_per_item` the tokens GRPO generates per completion."""
     seq = min(cfg.max_seq_length, max_tokens) if max_tokens else cfg.max_seq_length
-    dtype, why = pick_dtype(hw, device, cfg.dtype, model.num_params)
+    dtype, why = pick_dtype(hw, device, cfg.dtype, model.num_params, model.model_type)
     reasons = [why]
     if seq < cfg.max_seq_length:
         reasons.append(f"memory planned for the longest row, {seq} tokens (MAX_SEQ_LENGTH={cfg.max_seq_length} "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from finetune import fsio
+
 
 def hms(seconds: float) -> str:
     """H:MM:SS, the one format for durations (ETA, plan estimates, job timeouts)."""
@@ -30,7 +32,7 @@ class Progress:
             record = {k: v for k, v in event.items() if k != "event"}
             if self.metrics_path:
                 with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                    fh.write(json.dumps(fsio.finite(record), allow_nan=False) + "\n")
             if self.tracker:
                 self.tracker.log(record)
             self.last_loss = record.get("loss", self.last_loss)

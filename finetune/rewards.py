@@ -17,11 +17,14 @@ import math
 import numbers
 import os
 import re
+import signal
+import threading
 from typing import Callable
 
 from finetune.errors import UserError, first_line
 from finetune.evaluate import json_object, score
 
+REWARD_TIMEOUT_S = float(os.environ.get("FINETUNE_REWARD_TIMEOUT_S", "120"))  # one call, all completions of a step
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth", "reference", "target", "final_answer")
 
 
@@ -122,13 +125,34 @@ def load(spec: str) -> list[tuple[str, Callable]]:
     return out
 
 
+def _limited(run: Callable, where: str):
+    """run() under a wall-clock limit (SIGALRM: the user's code runs in the main thread), so a reward that hangs
+    ends the run with a line saying which one, instead of hanging it."""
+    if threading.current_thread() is not threading.main_thread():
+        return run()
+
+    def expired(*_):
+        raise UserError(f"{where} did not return within {REWARD_TIMEOUT_S:g} s (FINETUNE_REWARD_TIMEOUT_S); "
+                        "make it faster or raise the limit")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, REWARD_TIMEOUT_S)
+    try:
+        return run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def call(name: str, fn: Callable, prompts: list, completions: list, columns: dict) -> list[float]:
     """Run one reward and check what it returns: one finite number per completion."""
     where = f"REWARD {name}"
     try:
-        values = fn(prompts=prompts, completions=completions, **columns)
+        values = _limited(lambda: fn(prompts=prompts, completions=completions, **columns), where)
     except UserError:
         raise
+    except SystemExit as err:  # a reward must not end the run without a word (it would exit with its own code)
+        raise UserError(f"{where} called sys.exit({err.code!r}); a reward returns numbers, it must not exit") from None
     except Exception as err:  # noqa: BLE001 -- the user's code failed: say where, in one line
         raise UserError(f"{where} raised {type(err).__name__}: {first_line(err)}") from None
     if not isinstance(values, (list, tuple)) or len(values) != len(completions):

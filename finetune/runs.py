@@ -59,11 +59,38 @@ def is_live(run_dir: str) -> bool:
 
 def read_record(run_dir: str) -> dict | None:
     try:
-        with open(os.path.join(run_dir, RUN_JSON), encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError):
+        return load_record(run_dir)
+    except UserError:
         return None
-    return record if isinstance(record, dict) else None
+
+
+def record_of(run_dir: str, what: str) -> dict:
+    """run.json of the run directory `what` names (RESUME, RUN_DIR), or one line saying why it cannot be read."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{what}={run_dir}: not a run directory ({'a file' if os.path.exists(run_dir) else 'no such folder'}); "
+                        "see `./run.sh runs`")
+    try:
+        return load_record(run_dir)
+    except UserError as err:
+        raise UserError(f"{what}={run_dir}: {err}") from None
+
+
+def load_record(run_dir: str) -> dict:
+    """run.json as a dict, or a one-line error saying what is wrong with it (missing, unreadable, damaged)."""
+    path = os.path.join(run_dir, RUN_JSON)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (not a run directory)") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror})") from None
+    except (ValueError, RecursionError) as err:
+        where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise UserError(f"{path}{where}: damaged (not valid JSON); the run's other files are untouched") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: damaged (a JSON {type(record).__name__}, not an object)")
+    return record
 
 
 def status(run_dir: str, record: dict | None = None) -> str:
@@ -81,10 +108,18 @@ def resume_command(run_dir: str) -> str:
 
 
 def summary(run_dir: str) -> dict | None:
-    """One row of `finetune runs`."""
-    record = read_record(run_dir)
-    if record is None:
+    """One row of `finetune runs`: a damaged run.json is a row saying so, never the end of the listing."""
+    if not os.path.exists(os.path.join(run_dir, RUN_JSON)):
         return None
+    try:
+        return _summary(run_dir, load_record(run_dir))
+    except (UserError, AttributeError, TypeError, KeyError) as err:  # wrong types inside a hand-edited record too
+        reason = str(err) if isinstance(err, UserError) else f"{run_dir}/{RUN_JSON}: damaged ({type(err).__name__})"
+        return {"run_dir": run_dir, "status": "damaged", "method": None, "model": None, "step": 0, "max_steps": None,
+                "eval_loss_before": None, "eval_loss_after": None, "started": None, "resume": None, "problem": reason}
+
+
+def _summary(run_dir: str, record: dict) -> dict:
     state = status(run_dir, record)
     ckpts = checkpoint.whole(run_dir)
     step = record.get("step_reached", ckpts[-1][0] if ckpts else 0)
@@ -102,13 +137,17 @@ def summary(run_dir: str) -> dict | None:
 
 
 def find(root: str) -> list[dict]:
-    """Every run directory directly under `root` (or `root` itself), newest first."""
+    """Every run directory directly under `root` (or `root` itself), newest first. No `outputs/` yet is no runs;
+    a folder the user named that is missing or a file is an error."""
     if not os.path.isdir(root):
-        return []
+        if root == "outputs" and not os.path.exists(root):
+            return []
+        raise UserError(f"runs {root}: {'is a file' if os.path.exists(root) else 'no such folder'}; give the folder "
+                        "that holds run directories (default outputs)")
     candidates = [root] if os.path.isfile(os.path.join(root, RUN_JSON)) else \
         [os.path.join(root, n) for n in sorted(os.listdir(root))]
     rows = [s for d in candidates if os.path.isdir(d) and (s := summary(d))]
-    return sorted(rows, key=lambda r: r.get("started") or "", reverse=True)
+    return sorted(rows, key=lambda r: str(r.get("started") or ""), reverse=True)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -123,4 +162,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['method'] or '-':<5} {r['run_dir']}")
         if r["resume"]:
             lines.append(f"{'':<12} resume: {r['resume']}")
+        if r.get("problem"):
+            lines.append(f"{'':<12} {r['problem']}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from finetune.errors import UserError
 from finetune.methods import NAMES
 
 ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # kept on a message for the chat template
 METHODS = NAMES  # the one list of method names (finetune/methods/__init__.py)
 # Column sets each method accepts, most specific first (TRL's dataset formats).
 FORMS = {
@@ -90,15 +91,20 @@ def messages(value: Any, where: str, key: str, problems: list[Problem], train_fr
     out, before = [], len(problems)
     for i, msg in enumerate(value):
         at = f"{key}[{i}]"
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and not calls):
             problems.append(Problem(where, f"{at} must be an object with 'role' and 'content'"))
         elif msg["role"] not in ROLES:
             hint = f" (use '{ROLE_HINTS[msg['role']]}')" if msg["role"] in ROLE_HINTS else ""
             problems.append(Problem(where, f"{at}.role {msg['role']!r} is not one of {', '.join(ROLES)}{hint}"))
-        elif not isinstance(msg["content"], str):
+        elif calls is not None and (msg["role"] != "assistant" or not isinstance(calls, list) or not calls
+                                    or not all(isinstance(c, dict) for c in calls)):
+            problems.append(Problem(where, f"{at}.tool_calls must be a non-empty list of objects on an assistant turn"))
+        elif not (isinstance(msg.get("content"), str) or (calls and msg.get("content") is None)):
             problems.append(Problem(where, f"{at}.content must be a string (got {kind(msg['content'])})"))
-        else:
-            out.append({"role": msg["role"], "content": msg["content"]})
+        else:  # a tool-call turn may have no content: the calls are what it says
+            out.append({"role": msg["role"], "content": msg.get("content") or "",
+                        **{k: msg[k] for k in TOOL_KEYS if msg.get(k) is not None}})
     if len(problems) > before:
         return None
     _order(out, where, key, problems, train_from)
@@ -113,7 +119,7 @@ def _order(msgs: list[dict], where: str, key: str, problems: list[Problem], trai
         if role == "system" and i > 0:
             problems.append(Problem(where, f"{key}[{i}] is a system message after the first turn; "
                                            f"only {key}[0] may be system"))
-        elif role == "assistant" and i >= train_from and not msg["content"].strip() and \
+        elif role == "assistant" and i >= train_from and not says(msg) and \
                 any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             problems.append(Problem(where, f"{key}[{i}] is an empty assistant turn (it would teach an empty "
                                            "reply); fill it in or drop the row"))
@@ -122,8 +128,33 @@ def _order(msgs: list[dict], where: str, key: str, problems: list[Problem], trai
                                            "alternate user/assistant", "warning"))
 
 
+def says(msg: dict) -> bool:
+    """A turn with something in it: text, or tool calls."""
+    return bool(msg["content"].strip() or msg.get("tool_calls"))
+
+
 def has_assistant(msgs: list[dict] | None) -> bool:
-    return bool(msgs) and any(m["role"] == "assistant" and m["content"].strip() for m in msgs)
+    return bool(msgs) and any(m["role"] == "assistant" and says(m) for m in msgs)
+
+
+def tools_column(row: dict, where: str, problems: list[Problem]) -> list | None:
+    """The row's `tools` (function schemas, passed to the chat template): a list, or JSON text of one (as many Hub
+    datasets store it)."""
+    value = row.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            problems.append(Problem(where, "'tools' is text but not JSON; give a list of function schemas"))
+            return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        problems.append(Problem(where, f"'tools' must be a list of function schemas (got {kind(value)})"))
+        return None
+    return value
 
 
 # ---------------------------------------------------------------- rows of the other methods

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, fields, replace
 
 import backends
-from finetune import __version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs, workload
+from finetune import (__version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs,
+                      system_prompt, workload)
 from finetune import plan as planner
 from finetune.config import FIELDS, Config, env_name
 from finetune.errors import UserError
@@ -98,9 +100,9 @@ def run(cfg: Config, sources: dict[str, str]) -> int:
 
 def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
     run_dir = cfg.resume
-    record = runs.read_record(run_dir) if os.path.isdir(run_dir) else None
-    if record is None:
-        raise UserError(f"RESUME={run_dir}: not a run directory (no readable run.json)")
+    record = runs.record_of(run_dir, "RESUME")
+    if not all(isinstance(record.get(k), dict) for k in ("config", "sources", "settings")):
+        raise UserError(f"RESUME={run_dir}: run.json is damaged (its config is missing); start a new run")
     state = runs.status(run_dir, record)
     if state == "running":
         raise UserError(f"RESUME={run_dir}: that run is still running")
@@ -112,12 +114,13 @@ def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
     for name, source in sources.items():
         if source == "default" or name in RESUMABLE_CHANGES or name not in recorded:
             continue
-        if getattr(cfg, name) != recorded[name]:
+        if not workload.same_setting(name, getattr(cfg, name), recorded[name]):
             raise UserError(f"RESUME: {env_name(name)}={getattr(cfg, name)!r} differs from the run's {recorded[name]!r}; "
                             "a resumed run keeps its settings (start a new run to change them)")
     kept = {k: v for k, v in recorded.items() if k in FIELDS and not FIELDS[k].metadata["cli_only"]}
     changed = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in kept and sources.get(k, "default") != "default"}
     resumed = replace(Config(**{**kept, **changed}), resume=run_dir, output_dir=run_dir)
+    workload.check_same_data(resumed, record, run_dir)
     # the model is the one the run used, never a fallback
     return _train(resumed, {**record["sources"], "resume": "cli", "model": "resume"}, tees, record=record)
 
@@ -153,7 +156,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
             return 0
         raise
     _check_combination(cfg, plan)
-    final = replace(resolved(cfg, plan, method, prepared, sources), model=model.name)
+    final = workload.absolute_paths(replace(resolved(cfg, plan, method, prepared, sources), model=model.name))
     settings = settings_table(cfg, final, sources) if record is None else record["settings"]
     print(format_settings(settings))
     print(f"Model: {model.name} ({model.source}: {model.path}, {model.num_params / 1e6:.1f}M parameters)")
@@ -163,6 +166,9 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     warnings = rows.warnings + prepared.warnings
     for w in warnings:
         print(f"warning: {w}")
+    system, distinct = system_prompt.shared(rows.train)
+    if system_prompt.line(system, distinct):
+        print(system_prompt.line(system, distinct))
     print(planner.format_plan(plan))
     if record is None:
         run_name = cfg.run_name or outputs.default_run_name(model.name, cfg.method)
@@ -170,9 +176,10 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
         if cfg.dry_run:
             print(f"Dry run: nothing trained; the run would write {run_dir}")
             return 0
+        made_dir = not os.path.isdir(run_dir)  # an empty OUTPUT_DIR the user made stays if the run leaves nothing
         run_dir = outputs.create_run_dir(run_dir, named=bool(cfg.output_dir))
     else:
-        run_name, run_dir = record["run_name"], cfg.resume
+        run_name, run_dir, made_dir = record["run_name"], cfg.resume, False
         if cfg.dry_run:
             return 0
     with runs.RunLock(run_dir):
@@ -184,15 +191,20 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
                       "model": model.to_dict(), "plan": plan.to_dict(), "backend_choice": why,
                       "data": {"source": rows.source, "shape": rows.shape, "train_rows": len(prepared.train),
                                "validation_rows": len(prepared.eval), "validation_source": rows.validation_source,
-                               "mean_tokens": prepared.mean_tokens},
+                               "mean_tokens": prepared.mean_tokens, "fingerprint": workload.fingerprint(final),
+                               "system_prompt": system, "system_prompts": distinct},
                       "warnings": warnings, "fallback_banner": fallback, "chain": start.chain() if start else None}
-            tokenizer.save_pretrained(run_dir)
+            try:
+                tokenizer.save_pretrained(run_dir)
+            except Exception as err:  # a full disk raises RuntimeError from the tokenizers library, not OSError
+                _remove_contents(run_dir, made_dir)  # nothing trained yet: leave no half-made run behind
+                raise fsio.WriteError(run_dir, err) from None
         else:
             record.update(status="running", resumed=record.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")])
-        return _session(final, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0)
+        return _session(final, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir)
 
 
-def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0) -> int:
+def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir) -> int:
     run_json = os.path.join(run_dir, "run.json")
     fsio.write_json(run_json, record)
     state = session = None
@@ -202,7 +214,10 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
             print(f"Run directory: {run_dir}")
             models.fetch_weights(model)
             adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
-            session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
+            try:
+                session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
+            finally:
+                adapters.drop_converted(start, adapter_dir)
             stop.check(0)
             method.start(session, prepared, cfg)  # before any update: DPO's reference is the starting model
             state = loop.LoopState(micro_batch=plan.batch_size, grad_accum=plan.grad_accum)
@@ -232,12 +247,15 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
             print(f"  after: {_eval_line(after)}")
             tracker.finish()
     except loop.Stopped as stopped:
+        if _nothing_trained(record, run_dir, made_dir):
+            return stopped.exit_code
         state = _stopped_state(run_dir, state)
         if session is not None and state.step > 0:
             session.save_adapter(run_dir)
         _finish_early(record, run_json, run_dir, state, "interrupted", f"stopped by signal {stopped.signum}")
-        print(f"Interrupted at step {stopped.step}: the adapter so far is in {run_dir}.\n"
-              f"Continue with: {runs.resume_command(run_dir)}")
+        done = state.step >= cfg.max_steps
+        print(f"Interrupted {'during the final evaluation' if done else f'at step {state.step}'}: the adapter "
+              f"{'is complete' if done else 'so far is'} in {run_dir}.\nContinue with: {runs.resume_command(run_dir)}")
         return stopped.exit_code
     except loop.NonFinite as err:
         state = _stopped_state(run_dir, None)  # the checkpoint the loop just saved: the last good weights
@@ -246,10 +264,15 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
         _finish_early(record, run_json, run_dir, state, "failed", str(err))
         raise
     except KeyboardInterrupt:
-        _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "interrupted", "stopped at once (second Ctrl-C)")
+        if _nothing_trained(record, run_dir, made_dir):
+            return 130
+        _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "interrupted",
+                      "stopped at once (a second signal, or the step did not end in time)")
         print(f"Stopped at once. Continue from the last checkpoint with: {runs.resume_command(run_dir)}")
         return 130
     except BaseException as err:
+        if _nothing_trained(record, run_dir, made_dir, "The run failed before its first checkpoint"):
+            raise
         reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         _finish_early(record, run_json, run_dir, _stopped_state(run_dir, state), "failed", reason)
         raise
@@ -276,6 +299,24 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
 
         hub.push_run(run_dir, cfg.push_to_hub, what="adapter", private=True)
     return 0
+
+
+def _nothing_trained(record: dict, run_dir: str, made_dir: bool, what: str = "Stopped before the first training step") -> bool:
+    """A new run stopped before its first checkpoint has nothing to keep or resume: remove its directory (so the same
+    OUTPUT_DIR can be used again) and say so. A resumed run's directory is never removed."""
+    if record.get("resumed") or checkpoint.latest(run_dir) is not None:
+        return False
+    _remove_contents(run_dir, made_dir)
+    print(f"{what}: nothing was trained, so nothing was kept ({run_dir} removed). Run the same command again to start.")
+    return True
+
+
+def _remove_contents(run_dir: str, made_dir: bool) -> None:
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    if made_dir:
+        os.rmdir(run_dir)
 
 
 def _stopped_state(run_dir: str, state):

@@ -106,6 +106,7 @@ CASES = [
     ("dpo_good_bad.jsonl", ["--method", "dpo", "--map", "good_response=chosen", "--map", "bad_response=rejected"], 0,
      "dpo   ready"),
     ("grpo_prompts.jsonl", ["--method", "grpo"], 0, "grpo  ready          prompt; reward functions can read answer"),
+    ("tool_calls.jsonl", [], 2, "tool_calls.jsonl:1: MODEL=finetune/tiny-qwen2: its chat template cannot render tools"),
 ]
 
 
@@ -119,7 +120,7 @@ def test_corpus_file_is_reported_with_its_line(capsys, name, args, code, needle)
 
 def test_corpus_has_at_least_20_files_all_covered():
     files = set(os.listdir(os.path.join(ROOT, CORPUS)))
-    assert len(files) >= 20 and files == {c[0] for c in CASES} | {"kto_bad_label.jsonl"}
+    assert len(files) >= 20 and files == {c[0] for c in CASES} | {"kto_bad_label.jsonl", "qwen2.5_chat_template.jinja"}
 
 
 @pytest.mark.parametrize("name,needle", [("bad_json_line.jsonl", "bad_json_line.jsonl:3: not valid JSON"),

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from finetune import data
 from finetune.errors import UserError
 from finetune.template import IGNORE, encode, encode_all, generation_prompt
+from tests.conftest import ROOT, run_cli
+
+CORPUS = os.path.join(ROOT, "tests", "data_corpus")
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a city"},
@@ -175,3 +179,68 @@ def test_alpaca_and_sharegpt_files_train_with_no_flags(tmp_path, run_env, form):
     assert result.returncode == 0, result.stderr[-2000:]
     run = json.load(open(out / "run.json"))
     assert run["status"] == "completed" and run["data"]["shape"] == f"messages, from {form} rows"
+
+
+def test_the_rows_shared_system_prompt_is_found_for_every_method_shape():
+    from finetune import system_prompt
+    from finetune.data import Example
+    from finetune.methods.dpo import PairRows
+    from finetune.methods.grpo import PromptRow
+
+    sys_msg = {"role": "system", "content": "Answer in JSON."}
+    chat = [Example(messages=[sys_msg, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}])
+            for i in range(3)]
+    assert system_prompt.shared(chat) == ("Answer in JSON.", 1)
+    assert system_prompt.shared([PairRows(chat[0], chat[1], "x:1")]) == ("Answer in JSON.", 1)
+    assert system_prompt.shared([PromptRow([sys_msg, {"role": "user", "content": "q"}], {}, "x:1")])[0] == "Answer in JSON."
+    mixed = chat + [Example(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])]
+    assert system_prompt.shared(mixed) == (None, 2) and "2 different" in system_prompt.line(None, 2)
+    assert system_prompt.shared([Example(text="plain")]) == (None, 1) and system_prompt.line(None, 1) is None
+
+
+@pytest.fixture(scope="module")
+def tool_model(tiny_model, tmp_path_factory):
+    """The tiny model with Qwen2.5's chat template, which renders `tools` and tool calls (the tiny one drops them)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = str(tmp_path_factory.mktemp("tool-model") / "qwen-tools")
+    shutil.copytree(tiny_model, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = open(os.path.join(CORPUS, "qwen2.5_chat_template.jinja")).read()
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tool_calling_rows_train_the_calls_and_answers_not_the_tool_results(tool_model, tokenizer):
+    from transformers import AutoTokenizer
+
+    from finetune import template
+    from finetune.data import load_file
+
+    examples, problems = load_file(os.path.join(CORPUS, "tool_calls.jsonl"))
+    assert not [p for p in problems if p.level == "error"], problems
+    assert all(ex.form == "tool-calling" and ex.tools for ex in examples)  # tools given as a list or as JSON text
+    tok = AutoTokenizer.from_pretrained(tool_model)
+    enc = template.encode(examples[0], tok, 1024)
+    trained = tok.decode([t for t in enc.labels if t != template.IGNORE])
+    whole = tok.decode(enc.input_ids)
+    assert '"name": "get_weather"' in whole and "Current weather in a city" in whole  # the schema reached the model
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in trained
+    assert "It is 21 C in Paris." in trained
+    assert "temp_c" not in trained and "Weather in Paris?" not in trained  # tool results and the question: context
+    with pytest.raises(UserError, match="cannot render tools.*Qwen/Qwen2.5"):
+        template.check_tools(tokenizer, "finetune/tiny-qwen2")  # the tiny template silently drops tool calls
+
+
+def test_tool_calling_file_trains_and_check_data_names_the_form(tool_model, run_env, tmp_path):
+    path = os.path.join(CORPUS, "tool_calls.jsonl")
+    checked = run_cli(["check-data", path, "--model", tool_model], run_env)
+    assert checked.returncode == 0 and "tool-calling: messages with assistant tool_calls" in checked.stdout, checked.stdout
+    env = {**run_env, "MODEL": tool_model, "DATASET": path, "MAX_STEPS": "2", "EVAL_GENERATIONS": "0",
+           "EVAL_ROWS": "1", "OUTPUT_DIR": str(tmp_path / "run")}
+    done = run_cli([], env)
+    assert done.returncode == 0, done.stderr[-1500:]
+    refused = run_cli([], {**env, "MODEL": "finetune/tiny-qwen2", "OUTPUT_DIR": str(tmp_path / "run2")})
+    assert refused.returncode == 2 and "cannot render tools" in refused.stderr and not (tmp_path / "run2").exists()

@@ -100,7 +100,11 @@ def test_modelfile_has_the_chat_template_and_stop_tokens(exported):
     text = open(os.path.join(run_dir, "gguf", "Modelfile.q4_k_m")).read()
     name = json.load(open(os.path.join(run_dir, "run.json")))["run_name"]
     assert f"FROM ./{name}-q4_k_m.gguf" in text and "<|im_start|>{{ .Role }}" in text
-    assert 'PARAMETER stop "<|im_end|>"' in text and "You are a helpful AI assistant named SmolLM" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    # the data's system prompt (every sample row has it), not the template's SmolLM default the model was not taught under
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["data"]["system_prompt"].startswith("Extract the person's name")
+    assert f'SYSTEM """{record["data"]["system_prompt"]}"""' in text and "named SmolLM" not in text
 
 
 def test_refusals_are_one_line_and_leave_no_half_written_export(exported, tiny_model, run_env, tmp_path):
@@ -179,10 +183,13 @@ def test_chat_answers_once_and_keeps_history_interactively(backend, real_run, ru
         json.dump(record, open(os.path.join(run_dir, "run.json"), "w"))
     system = "Extract the person's name, city and age from the text. Reply with only a JSON object with keys " \
              '"name", "city", "age".'
-    once = run_cli(["chat", run_dir, "--system", system, "--prompt", "Maria Silva, 34, lives in Lisbon.",
-                    "--max-new-tokens", "32"], run_env)
+    assert json.load(open(os.path.join(run_dir, "run.json")))["data"]["system_prompt"] == system
+    once = run_cli(["chat", run_dir, "--prompt", "Maria Silva, 34, lives in Lisbon.", "--max-new-tokens", "32"], run_env)
     assert once.returncode == 0, once.stderr[-1500:]
-    assert json.loads(once.stdout.strip())["city"] == "Lisbon"
+    assert json.loads(once.stdout.strip())["city"] == "Lisbon"  # the data's system prompt, by default
+    dropped = run_cli(["chat", run_dir, "--system", "", "--prompt", "Maria Silva, 34, lives in Lisbon.",
+                       "--max-new-tokens", "32"], run_env)
+    assert dropped.returncode == 0 and dropped.stdout.strip() != once.stdout.strip()
     session = subprocess.run([sys.executable, "-m", "finetune", "chat", run_dir, "--base", "--max-new-tokens", "8"],
                              input="Hello\n/reset\nHi again\n/exit\n", env=run_env, cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
@@ -220,3 +227,25 @@ def test_install_tools_downloads_the_sdist_once(monkeypatch, tmp_path):
     assert os.path.isdir(os.path.join(script.rsplit(os.sep, 1)[0], "gguf-py"))
     assert os.path.isdir(os.path.join(runtime, "llama_cpp"))
     assert llamacpp.install() == [script, runtime] and len(downloads) == 1
+
+
+def test_chat_uses_the_data_system_prompt_unless_told_otherwise(run_env, tiny_model, tmp_path, monkeypatch, capsys):
+    """Rows that share a system prompt: run.json records it, chat sends it by default, --system "" drops it."""
+    from finetune import chat, cli
+
+    rows = [{"messages": [{"role": "system", "content": "Reply in capitals."}, {"role": "user", "content": f"w{i}"},
+                          {"role": "assistant", "content": f"W{i}"}]} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k, v in {**run_env, "MODEL": "finetune/tiny-qwen2", "DATASET": str(tmp_path / "d.jsonl"), "MAX_STEPS": "1",
+                 "EVAL_GENERATIONS": "0", "EVAL_ROWS": "2", "OUTPUT_DIR": str(tmp_path / "run")}.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main([]) == 0
+    assert "System prompt: every row has the same one" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "run" / "run.json"))["data"]["system_prompt"] == "Reply in capitals."
+    sent = []
+    real = chat._prompt_ids
+    monkeypatch.setattr(chat, "_prompt_ids", lambda tok, history: sent.append(list(history)) or real(tok, history))
+    for extra in ([], ["--system", ""], ["--system", "Be brief."]):
+        assert cli.main(["chat", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "2", *extra]) == 0
+    assert [h[0]["content"] if h[0]["role"] == "system" else None for h in sent] == \
+        ["Reply in capitals.", None, "Be brief."]

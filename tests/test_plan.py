@@ -473,3 +473,8 @@ def test_attention_follows_what_the_model_class_supports():
     assert "attention" in plan.format_plan(p) and "eager" in plan.format_plan(p)
     assert make("rtx4090-24", "1.5B").attention == "sdpa"  # Qwen2 supports it
     assert plan.make(Config(), *MACHINES["m2-16-mlx"][:1], gemma2, "mlx", "mlx", ROWS, MEAN_TOKENS).attention == "sdpa"
+    # dtype by what the type tolerates: a T4 has no bf16, and Gemma overflows fp16, so fp32 (Qwen2 gets fp16)
+    t4_hw, t4_device = MACHINES["t4-16"]
+    on_t4 = plan.make(Config(), t4_hw, gemma2, "torch", t4_device, ROWS, MEAN_TOKENS)
+    assert on_t4.dtype == "fp32" and any("gemma2 overflows fp16" in r for r in on_t4.reasons)
+    assert make("t4-16", "0.5B").dtype == "fp16"

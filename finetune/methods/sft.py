@@ -6,7 +6,7 @@ from finetune import data, dataset_checks, evaluate
 from finetune.check_tokens import template_warnings
 from finetune.errors import UserError
 from finetune.methods import Batch, EvalResult, Prepared, Rows
-from finetune.template import encode_all
+from finetune.template import check_tools, encode_all
 
 NAME = "sft"
 EVAL_LOSS_LABEL = "eval loss (per trained token)"
@@ -36,6 +36,8 @@ def check_template(cfg, shape: str, tokenizer) -> None:
 
 def prepare(rows: Rows, tokenizer, cfg) -> Prepared:
     check_template(cfg, rows.shape, tokenizer)
+    if any(ex.form == "tool-calling" for ex in rows.train + rows.validation):
+        check_tools(tokenizer, cfg.model)
     train, warnings = encode_all(rows.train, tokenizer, cfg.max_seq_length)
     warnings += template_warnings(rows.train, tokenizer)
     val, val_warnings = encode_all(rows.validation[: cfg.eval_rows], tokenizer, cfg.max_seq_length)
