@@ -24,7 +24,14 @@ from finetune.shapes import (FORMS, ROLES, Problem, has_assistant, kind, map_fla
                              parse_column_map, suggest_map, text, tools_column)
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
-MAX_FILE_BYTES = 16 << 30  # a local file is read whole into memory: refuse what this could never hold
+RAM_PER_FILE_BYTE = 8  # a local file is read whole and parsed: bytes, text and Python objects take ~8x its size
+
+
+def max_file_bytes() -> int:
+    """The largest local data file this machine can parse in memory (RAM / RAM_PER_FILE_BYTE)."""
+    import psutil
+
+    return psutil.virtual_memory().total // RAM_PER_FILE_BYTE
 MAX_LISTED = 20           # problems listed in one error message; check-data --json has them all
 UNKNOWN_SHAPE = "unknown row shape"
 
@@ -206,10 +213,10 @@ def locate(spec: str, label: str | None = None) -> tuple[str, str | None, str]:
             raise UserError(f"{label}: directory has no train.jsonl/.json/.csv/.parquet")
         for path in (train_path, val_path):
             if path:
-                fsio.check_regular_file(path, f"{label}: {os.path.basename(path)}", MAX_FILE_BYTES)
+                fsio.check_regular_file(path, f"{label}: {os.path.basename(path)}", max_file_bytes())
         return train_path, val_path, directory
     if os.path.lexists(spec) or os.path.splitext(spec)[1].lower() in FILE_EXTS or spec.startswith((".", "/", "~")):
-        fsio.check_regular_file(spec, label, MAX_FILE_BYTES)
+        fsio.check_regular_file(spec, label, max_file_bytes())
         return spec, None, spec
     return f"hf:{spec}", None, f"hf:{spec}"
 

@@ -170,8 +170,8 @@ def check_regular_file(path: str, label: str, max_bytes: int | None = None) -> i
     if path.startswith("/proc/") or path.startswith("/sys/"):  # sizes there are 0 or fictional
         raise UserError(f"{label}: is a kernel file, not a data file")
     if max_bytes is not None and info.st_size > max_bytes:
-        raise UserError(f"{label}: {info.st_size / 2**20:.1f} MB, more than the {max_bytes / 2**20:.0f} MB "
-                        "such a file can be")
+        raise UserError(f"{label}: {info.st_size / 2**20:,.1f} MB, more than the {max_bytes / 2**20:,.0f} MB such a "
+                        "file can be here; split it, or load a large dataset by its Hub id (streamed by `datasets`)")
     if not os.access(path, os.R_OK):
         raise UserError(f"{label} cannot be read: permission denied")
     return info.st_size

@@ -205,6 +205,8 @@ def cases() -> list[C]:
         C("bombs", "conversation_of_100k_turns", env={"DATASET": "{t}/turns.jsonl", "MAX_SEQ_LENGTH": "64"},
           rc=0, needle="truncated", setup=lambda t: data(t, "turns.jsonl", n=4, rows=[{"messages": [
               {"role": r, "content": "hi"} for _ in range(50_000) for r in ("user", "assistant")]}])),
+        C("bombs", "data_file_larger_than_memory_allows", env={"DATASET": "{t}/d.jsonl"}, needle="split it",
+          patch=lambda mp, t: mp.setattr("finetune.data.RAM_PER_FILE_BYTE", 10 ** 12)),  # as if RAM were tiny
         C("bombs", "csv_large_field_is_data", ["train", "--dry-run"], env={"DATASET": "{t}/wide.csv"}, rc=0,
           setup=wide_csv),
     ]
