@@ -33,6 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 # The slowest tests on the tiny model (each >= 8 s in a full run here, `./run.sh test --durations=60`).
 SLOW_TESTS: set[str] = {
+    "tests/test_architectures.py::test_mlx_trains_every_architecture_mlx_lm_can_load",
+    "tests/test_architectures.py::test_torch_trains_every_architecture_and_its_adapter_loads_in_peft",
     "tests/test_check_data.py::test_default_model_offline_falls_back_to_the_offline_model_with_banner",
     "tests/test_config.py::test_dry_run_prints_sources_and_plan",
     "tests/test_data.py::test_alpaca_and_sharegpt_files_train_with_no_flags",
