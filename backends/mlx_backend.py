@@ -127,7 +127,7 @@ def lora_parameters(cfg) -> dict:
     return {"rank": cfg.lora_r, "scale": cfg.lora_alpha / cfg.lora_r, "dropout": cfg.lora_dropout}
 
 
-def linear_keys(model) -> set[str]:
+def linear_keys(model) -> tuple[set[str], bool]:
     """The linear layers inside the transformer blocks. mlx-lm's default also wraps MoE experts (SwitchLinear), whose
     LoRA has no PEFT form (PEFT targets transformers 5's fused 3-D expert weights in its own layout), so a run died at
     its first checkpoint; without them every MLX adapter converts. Which modules train is said and recorded."""
@@ -143,7 +143,7 @@ def linear_keys(model) -> set[str]:
     if experts:
         print(f"LoRA on MLX: the MoE experts ({', '.join(sorted(experts))}) are not targeted (their adapter would have "
               "no PEFT form); attention, the router and dense layers are. BACKEND=torch trains the experts too.")
-    return keys
+    return keys, bool(experts)
 
 
 class MLXSession:
@@ -174,7 +174,10 @@ class MLXSession:
             with open(os.path.join(adapter, interop.CONFIG), encoding="utf-8") as fh:
                 saved = json.load(fh)
             self.lora, self.lora_type = saved["lora_parameters"], saved.get("fine_tune_type", "lora")
-        self.lora.setdefault("keys", sorted(linear_keys(self.model)))
+        keys, has_experts = linear_keys(self.model)
+        if has_experts and "keys" not in self.lora:  # only then: a dense model's adapter_config stays mlx-lm's default
+            self.lora["keys"] = sorted(keys)
+        self.lora_targets = sorted({k.rsplit(".", 1)[-1] for k in self.lora.get("keys", keys)})
         linear_to_lora_layers(self.model, len(self.model.layers), self.lora, use_dora=self.lora_type == "dora")
         if adapter:
             self.model.load_weights(os.path.join(adapter, interop.MLX_WEIGHTS), strict=False)
@@ -414,7 +417,7 @@ class MLXSession:
 
         return {"trainable_params": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
                 "peak_memory_source": "mx.get_peak_memory()", "mlx_device": str(mx.default_device()),
-                "quantized_base": self.quantized, "lora_targets": sorted({k.rsplit(".", 1)[-1] for k in self.lora["keys"]}),
+                "quantized_base": self.quantized, "lora_targets": self.lora_targets,
                 **self.limits}
 
     def peak_memory_gb(self) -> float:

