@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 from finetune import export, outputs
-from finetune.config import check_repo_id  # noqa: F401 (hub.check_repo_id is the Hub's rule, kept where it was)
+from finetune.config import check_repo_id
 from finetune.errors import UserError
 
 # Set by the Jobs launcher in the job's environment: the push names it in its commit message, so `jobs pull`

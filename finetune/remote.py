@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from finetune import hardware, hub
 from finetune import plan as planner
+from finetune.config import check_repo_id
 from finetune.errors import UserError
 from finetune.progress import hms
 
@@ -252,7 +253,7 @@ def submit(cfg, sources: dict, record_plan: Quote, model_name: str, settings_env
     runs_with = {**settings_env, "model": model_name, "flavor": record_plan.flavor.name}
     digest.update(repr(sorted(runs_with.items())).encode())
     run_name = cfg.run_name or f"{model_name.split('/')[-1].lower()}-{cfg.method}-{digest.hexdigest()[:8]}"
-    result_repo = hub.check_repo_id(cfg.push_to_hub or f"{user}/{run_name}", "PUSH_TO_HUB")
+    result_repo = check_repo_id(cfg.push_to_hub or f"{user}/{run_name}", "PUSH_TO_HUB")
     submission = secrets.token_hex(8)
     hub_pin = hub_requirement(root)
     from huggingface_hub import CommitOperationAdd

@@ -159,6 +159,18 @@ def generation_prompt(ex: Example, tokenizer) -> tuple[list[int], str] | None:
     return tokenizer(text, add_special_tokens=False)["input_ids"], ex.messages[last]["content"]
 
 
+def encode_kept(items: list, examples, tokenizer, max_len: int) -> tuple[list[tuple], int]:
+    """For items made of several rows (a DPO pair, a KTO row and its mismatched twin): (item, its rows encoded...)
+    for each item whose rows, `examples(item)`, all keep a trained token within `max_len`; and how many were
+    dropped because truncation cut every trained token of one of them."""
+    kept = []
+    for item in items:
+        encoded = tuple(encode(ex, tokenizer, max_len) for ex in examples(item))
+        if all(e.n_trained for e in encoded):
+            kept.append((item, *encoded))
+    return kept, len(items) - len(kept)
+
+
 def encode_all(rows: list[Example], tokenizer, max_len: int) -> tuple[list[Encoded], list[str]]:
     """Encode rows; drop those whose trained tokens were all cut by truncation (they teach nothing)."""
     out, dropped, truncated = [], 0, 0

@@ -167,8 +167,9 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     for w in warnings:
         print(f"warning: {w}")
     system, distinct = system_prompt.shared(rows.train)
-    if system_prompt.line(system, distinct):
-        print(system_prompt.line(system, distinct))
+    said = system_prompt.line(system, distinct)
+    if said:
+        print(said)
     print(planner.format_plan(plan))
     if record is None:
         run_name = cfg.run_name or outputs.default_run_name(model.name, cfg.method)

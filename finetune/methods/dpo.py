@@ -19,7 +19,7 @@ from finetune.methods import Batch, EvalResult, Prepared, Rows, reference
 from finetune.methods.sft import check_template, dataset_spec
 from finetune.sample_data import DPO_DIR
 from finetune.shapes import Problem, row_problems
-from finetune.template import Encoded, encode
+from finetune.template import Encoded, encode_kept
 
 NAME = "dpo"
 EVAL_LOSS_LABEL = "eval loss (DPO, per pair)"
@@ -102,16 +102,10 @@ def prepare(rows: Rows, tokenizer, cfg) -> Prepared:
     warnings: list[str] = []
 
     def encode_pairs(items: list[PairRows]) -> list[Pair]:
-        out, dropped = [], 0
-        for p in items:
-            c, r = encode(p.chosen, tokenizer, cfg.max_seq_length), encode(p.rejected, tokenizer, cfg.max_seq_length)
-            if c.n_trained == 0 or r.n_trained == 0:
-                dropped += 1
-                continue
-            out.append(Pair(c, r, p.chosen))
+        kept, dropped = encode_kept(items, lambda p: (p.chosen, p.rejected), tokenizer, cfg.max_seq_length)
         if dropped:
             warnings.append(f"{dropped} pairs lost every answer token to MAX_SEQ_LENGTH={cfg.max_seq_length} and were dropped")
-        return out
+        return [Pair(c, r, p.chosen) for p, c, r in kept]
 
     train = encode_pairs(rows.train)
     val = encode_pairs(rows.validation[: cfg.eval_rows])

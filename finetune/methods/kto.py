@@ -21,7 +21,7 @@ from finetune.methods import Batch, EvalResult, Prepared, Rows, reference
 from finetune.methods.sft import check_template, dataset_spec
 from finetune.sample_data import DATA_DIR
 from finetune.shapes import label_value, row_problems
-from finetune.template import Encoded, encode
+from finetune.template import Encoded, encode_kept
 
 NAME = "kto"
 EVAL_LOSS_LABEL = "eval loss (KTO, per row)"
@@ -103,17 +103,11 @@ def prepare(rows: Rows, tokenizer, cfg) -> Prepared:
     warnings: list[str] = []
 
     def encode_rows(items: list[LabelledRow]) -> list[Item]:
-        out, dropped = [], 0
-        for r in items:
-            seq, kl = encode(r.example, tokenizer, cfg.max_seq_length), encode(r.mismatched, tokenizer, cfg.max_seq_length)
-            if seq.n_trained == 0 or kl.n_trained == 0:
-                dropped += 1
-                continue
-            out.append(Item(seq, kl, r.desirable, r.example))
+        kept, dropped = encode_kept(items, lambda r: (r.example, r.mismatched), tokenizer, cfg.max_seq_length)
         if dropped:
             warnings.append(f"{dropped} rows lost every completion token to MAX_SEQ_LENGTH={cfg.max_seq_length} "
                             "and were dropped")
-        return out
+        return [Item(seq, kl, r.desirable, r.example) for r, seq, kl in kept]
 
     train, val = encode_rows(rows.train), encode_rows(rows.validation[: cfg.eval_rows])
     if not train or not val:
