@@ -24,6 +24,7 @@ from finetune.errors import UserError, first_line
 from finetune.hardware import GB
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
+from finetune.world import World
 
 FALLBACK = "use BACKEND=torch (PyTorch MPS)"
 PAD_TO = 32                      # pad widths to multiples of 32, as mlx-lm does: the compiled step sees few shapes
@@ -105,6 +106,11 @@ class MLXBackend:
     def load(self, cfg, plan, model, tokenizer, adapter: str | None = None) -> "MLXSession":
         return MLXSession(cfg, plan, model, tokenizer, adapter)
 
+    def join(self, hw):
+        from backends import mlx_dist
+
+        return mlx_dist.join()
+
 
 BACKEND = MLXBackend()
 
@@ -154,6 +160,7 @@ class MLXSession:
         from mlx_lm.utils import load_model, quantize_model
 
         self.cfg, self.plan, self.info, self.tokenizer = cfg, plan, model, tokenizer
+        self.world = World()  # train sets the run's processes after joining them (finetune/world.py)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.limits = set_memory_limits(plan.budget_gb)
         mx.random.seed(cfg.seed)
@@ -323,6 +330,13 @@ class MLXSession:
             for k, v in parts.items():  # sums over the micro-batch / the step: they add up
                 stats[k] = stats.get(k, 0.0) + float(v)
             tokens += sum(r.length for r in chunk)
+        if self.world.size > 1:  # every process trained its share of the step (backends/mlx_dist.py)
+            from backends.mlx_dist import sum_gradients
+
+            grads = sum_gradients(grads, self.model.trainable_parameters())
+            names = sorted(stats)
+            summed = self.world.sum([total, tokens] + [stats[k] for k in names])
+            total, tokens, stats = float(summed[0]), int(summed[1]), dict(zip(names, summed[2:].tolist()))
         grads, norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
         stats = {**stats, **batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
         if not (math.isfinite(total) and math.isfinite(stats["grad_norm"])):

@@ -29,6 +29,7 @@ import numpy as np
 
 from finetune import fsio
 from finetune.hardware import GB
+from finetune.world import World, torchrun_env
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
@@ -61,6 +62,11 @@ class TorchBackend:
     def load(self, cfg, plan, model, tokenizer, adapter: str | None = None) -> "TorchSession":
         return TorchSession(cfg, plan, model, tokenizer, adapter)
 
+    def join(self, hw) -> World:
+        from backends import torch_dist
+
+        return torch_dist.join(self.device(hw))
+
 
 BACKEND = TorchBackend()
 
@@ -92,7 +98,7 @@ def model_load_kwargs(plan) -> dict:
     if plan.device == "cuda" or plan.quantize == "4bit":
         # Straight onto the device, shard by shard: a 16-bit model never passes through host RAM whole on CUDA,
         # and bitsandbytes places the quantized weights itself (on the CPU too, when 4-bit is asked for there).
-        kwargs["device_map"] = {"": 0 if plan.device == "cuda" else plan.device}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if plan.device == "cuda" else plan.device}
     if plan.quantize == "4bit":
         from transformers import BitsAndBytesConfig
 
@@ -177,8 +183,9 @@ class TorchSession:
         self.cfg, self.plan, self.info, self.tokenizer = cfg, plan, model, tokenizer
         self.device, self.dtype = plan.device, compute_dtype(plan)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if plan.device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+        self.world = World()  # train sets the run's processes after joining them (finetune/world.py)
+        if plan.device == "cpu":  # processes of a distributed run share this machine's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // torchrun_env()[2]))
         torch.manual_seed(cfg.seed)
         self.model = builder(cfg, plan, model, adapter)
         self.modes, self.generating = modes, False
@@ -279,6 +286,12 @@ class TorchSession:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
             stats["tokens"] += sum(r.length for r in chunk)
+        if self.world.size > 1:  # every process trained its share of the step: sum gradients and loss parts
+            from backends.torch_dist import sum_gradients
+
+            keys = sorted(stats)
+            summed = sum_gradients(self.params, [total] + [stats[k] for k in keys])
+            total, stats = summed[0], dict(zip(keys, summed[1:]))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))

@@ -3,7 +3,8 @@ mlx_lm.lora defaults vs finetune (MLX), every adapter scored by one held-out eva
 
 Grid: the workloads of bench/workloads.py (mixed tasks, long rows, multi-turn, plain text, short rows; 20-200 steps)
 x learning rates (1e-4, 1e-3). Model: SmolLM2-135M-Instruct (the offline model). LoRA r16 alpha 32 dropout 0 on all
-linear layers for every torch variant; seed 42.
+linear layers for every torch variant; training seed 42 (`--seeds 1,2,42` repeats each cell; the table shows the
+mean and the spread; the held-out split is always drawn with seed 42).
   trl-defaults   SFTTrainer(model=path, SFTConfig(max_steps, batch, lr, max_length, use_cpu)) on the raw rows
                  (single-turn chats as conversational prompt/completion, multi-turn as messages, text as text):
                  all else TRL's defaults (linear decay, no warmup, bf16 autocast, gradient checkpointing)
@@ -23,6 +24,7 @@ Every run is its own process; results are appended to --results (JSONL), so a gr
 Run:  python bench/quality.py                        (torch grid: 5 workloads x 2 lrs x 3 variants, ~70 min on 2 cores)
       python bench/quality.py --backend mlx --lrs 1e-3
       python bench/quality.py --workloads mixed --lrs 1e-3 --variants finetune,finetune+GROUP_BY_LENGTH=true
+      python bench/quality.py --workloads mixed --lrs 1e-3 --seeds 1,2,42 --variants trl-defaults,finetune
       python bench/quality.py --print                 (the table of what --results holds)
 """
 from __future__ import annotations
@@ -119,7 +121,7 @@ def run_trl(a, info, tok) -> dict:
     bf16 = {} if hardware.detect().cpu_bf16 else {"bf16": False}
     cfg = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
                     max_length=a.max_len, use_cpu=True, save_strategy="no", report_to=[], disable_tqdm=True,
-                    include_num_input_tokens_seen="non_padding", seed=SEED, **bf16)
+                    include_num_input_tokens_seen="non_padding", seed=a.seed, **bf16)
     trainer = SFTTrainer(model=info.path, args=cfg, train_dataset=ds, peft_config=lora())
     trainer.remove_callback(PrinterCallback)
     t = time.perf_counter()
@@ -138,12 +140,12 @@ def run_plain(a, info, tok) -> dict:
 
     from finetune.template import pad_batch
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(a.seed)
     rows = encoded(a.workload, tok, "train")
     m = get_peft_model(AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32), lora())
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     m.train()
-    order = np.concatenate([np.random.default_rng([SEED, e]).permutation(len(rows)) for e in range(50)])
+    order = np.concatenate([np.random.default_rng([a.seed, e]).permutation(len(rows)) for e in range(50)])
     tokens, t = 0, time.perf_counter()
     for step in range(a.steps):
         batch = [rows[i] for i in order[step * a.batch:(step + 1) * a.batch]]
@@ -164,7 +166,7 @@ def run_finetune(a, info, tok) -> dict:
     out = os.path.join(tempfile.mkdtemp(prefix="bench-ft-"), "run")
     env = {**os.environ, "MODEL": MODEL, "DATASET": os.path.join(DATA_ROOT, a.workload), "MAX_STEPS": str(a.steps),
            "BATCH_SIZE": str(a.batch), "GRAD_ACCUM": "1", "LEARNING_RATE": str(a.lr), "LORA_R": str(RANK),
-           "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(SEED), "EVAL_GENERATIONS": "0",
+           "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(a.seed), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
            "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
     patches = []  # module.CONSTANT=value: an ablation of a constant that is not a setting (e.g. loop.WSD_DECAY_SHARE)
@@ -200,6 +202,11 @@ def run_mlx_lm(a, info, tok) -> dict:
 
     from finetune import interop
 
+    import mlx.core as mx
+    import numpy as np
+
+    np.random.seed(a.seed)  # what mlx_lm.lora's main does with --seed
+    mx.random.seed(a.seed)
     model, mtok = load(info.path)
     model.freeze()
     params = {"rank": 8, "scale": 20.0, "dropout": 0.0}
@@ -264,11 +271,22 @@ def baseline(name: str) -> float:
 
 
 def table(results: list[dict]) -> str:
-    """One row per (workload, lr), variants side by side: eval loss (tokens/s)."""
+    """One row per (workload, lr), variants side by side: eval loss (tokens/s). A cell run with several seeds shows
+    the mean eval loss, its range and n; a seed run twice counts once (the latest)."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    cells: dict = {}
+    runs: dict = {}
     for r in results:
-        cells.setdefault((r["workload"], r["lr"]), {})[r["variant"]] = r
+        if "error" not in r:
+            runs.setdefault((r["workload"], r["lr"]), {}).setdefault(r["variant"], {})[r.get("seed", SEED)] = r
+    cells: dict = {}
+    for key, row in runs.items():
+        for v, by_seed in row.items():
+            xs = list(by_seed.values())
+            losses = [x["eval_loss"] for x in xs]
+            cells.setdefault(key, {})[v] = {**xs[-1], "eval_loss": sum(losses) / len(losses), "n": len(xs),
+                                            "spread": (min(losses), max(losses)),
+                                            "tokens": sum(x["tokens"] for x in xs),
+                                            "seconds": sum(x["seconds"] for x in xs)}
     lines = ["| workload (steps x rows) | lr | untrained | " + " | ".join(variants) + " |",
              "|---|---:|---:|" + "---:|" * len(variants)]
     for (w, lr), row in cells.items():
@@ -277,7 +295,11 @@ def table(results: list[dict]) -> str:
         vals = []
         for v in variants:
             x = row.get(v)
-            vals.append("-" if x is None or "error" in x else f"{x['eval_loss']:.3f} ({x['tokens'] / x['seconds']:,.0f} t/s)")
+            if x is None:
+                vals.append("-")
+                continue
+            n = f", n={x['n']} {x['spread'][0]:.3f}-{x['spread'][1]:.3f}" if x["n"] > 1 else ""
+            vals.append(f"{x['eval_loss']:.3f} ({x['tokens'] / x['seconds']:,.0f} t/s{n})")
         lines.append(f"| {w} ({steps}x{batch}) | {lr:g} | {'-' if base is None else f'{base:.3f}'} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -289,12 +311,14 @@ def main() -> None:
     p.add_argument("--backend", choices=("torch", "mlx"), default="torch")
     p.add_argument("--variants", help="comma-separated; default: the backend's three/two variants")
     p.add_argument("--results", default=os.path.join(BENCH, "quality_results.jsonl"))
+    p.add_argument("--seeds", default=str(SEED), help="comma-separated training seeds (default 42)")
     p.add_argument("--print", action="store_true", help="only print the table of --results")
-    for name in ("variant", "workload", "steps", "batch", "max-len", "lr"):
+    for name in ("variant", "workload", "steps", "batch", "max-len", "lr", "seed"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:
         a.steps, a.batch, a.max_len, a.lr = int(a.steps), int(a.batch), int(a.max_len), float(a.lr)
+        a.seed = int(a.seed or SEED)
         return one(a)
     done = [json.loads(x) for x in open(a.results)] if os.path.exists(a.results) else []
     if a.print:
@@ -306,21 +330,22 @@ def main() -> None:
         workloads.write(name, DATA_ROOT)
         steps, batch, max_len = workloads.SPECS[name]
         for lr in (float(x) for x in a.lrs.split(",")):
-            for v in variants:
+            for v, seed in ((v, int(s)) for v in variants for s in a.seeds.split(",")):
                 cmd = [sys.executable, __file__, "--variant", v, "--workload", name, "--steps", str(steps), "--batch",
-                       str(batch), "--max-len", str(max_len), "--lr", str(lr)]
+                       str(batch), "--max-len", str(max_len), "--lr", str(lr), "--seed", str(seed)]
                 t = time.time()
                 run = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH)
                 line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
                 if name not in untrained:
                     untrained[name] = baseline(name)
-                rec = {"workload": name, "lr": lr, "variant": v, "untrained": untrained[name], "wall": time.time() - t}
+                rec = {"workload": name, "lr": lr, "variant": v, "seed": seed, "untrained": untrained[name],
+                       "wall": time.time() - t}
                 rec.update(json.loads(line[0][7:]) if line else {"error": (run.stdout + run.stderr)[-1500:]})
                 done.append(rec)
                 with open(a.results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 shown = {k: rec[k] for k in ("eval_loss", "seconds", "tokens", "notes", "error") if k in rec}
-                print(f"  {name} lr {lr:g} {v}: {shown}", flush=True)
+                print(f"  {name} lr {lr:g} {v} seed {seed}: {shown}", flush=True)
     print(table([r for r in done if r["variant"] in variants]))
 
 

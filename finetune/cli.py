@@ -10,6 +10,7 @@ import sys
 from finetune import check_data  # light: the tokenizer (and torch) load only when a check needs them
 from finetune.config import FIELDS, _base_type, flag_name, resolve
 from finetune.errors import UserError
+from finetune.world import Lost
 
 COMMANDS = ("train", "doctor", "check-data", "convert", "runs", "chat", "export", "push", "jobs")
 
@@ -115,6 +116,8 @@ def export_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # under torchrun (finetune.launch): Pythons whose argparse keeps the separator
+        argv = argv[1:]
     # CUDA: grow allocator segments instead of caching fixed blocks; 4-bit dequantization's odd-sized temporaries
     # otherwise left reserved memory 45% above the allocated peak on an H200 (a user's setting wins)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -163,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
             return remote.train(cfg, sources)
         from finetune import train
 
-        return train.run(cfg, sources)
+        return train.run(cfg, sources, argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Lost as err:  # a distributed run's other process died before the steps began (it says why)
+        print(f"error: another process of this distributed run stopped ({err})", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `finetune check-data x | head`: the reader stopped reading, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet too
         return 141  # 128 + SIGPIPE, as a shell reports it

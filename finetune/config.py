@@ -37,6 +37,8 @@ class Config:
     adapter: str | None = field(default=None, metadata=_opt(
         "start from this adapter: a run directory, a PEFT adapter folder or an mlx-lm adapter folder"))
     backend: str = field(default="auto", metadata=_opt("auto, or a registered backend name (see `finetune doctor`)"))
+    nproc: str = field(default="auto", metadata=_opt(
+        "processes to train with on this machine, started by torchrun (auto: one per visible CUDA GPU, else 1)"))
     output_dir: str | None = field(default=None, metadata=_opt("run directory (default outputs/<run-name>)"))
     run_name: str | None = field(default=None, metadata=_opt("name of the run (default: time + model)"))
     batch_size: int | None = field(default=None, metadata=_opt("per-device batch size (auto: planner)", lo=1))
@@ -102,6 +104,7 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 AUTO = "auto"
 MAX_VALUE_CHARS = 4096       # a path's limit on Linux; no setting needs more
+MAX_NPROC = 64              # processes on one machine (torchrun's --nproc-per-node)
 MAX_CONFIG_BYTES = 1 << 20   # a settings file is a few lines: refuse anything that could be a bomb before parsing
 _KIND_TEXT = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
@@ -237,6 +240,8 @@ def resolve(cli: Mapping[str, Any], env: Mapping[str, str] | None = None,
                         "no '..'); OUTPUT_DIR chooses where a run goes")
     if cfg.push_to_hub is not None:
         check_repo_id(cfg.push_to_hub, where("push_to_hub"))
+    if cfg.nproc != AUTO and not (cfg.nproc.isdigit() and 1 <= int(cfg.nproc) <= MAX_NPROC):
+        raise UserError(f"{where('nproc')}={cfg.nproc!r} is not valid: use auto or a whole number from 1 to {MAX_NPROC}")
     return cfg, sources
 
 

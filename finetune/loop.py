@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune import checkpoint
+from finetune import checkpoint, methods
 from finetune.checkpoint import LoopState  # noqa: F401 - train and callers use loop.LoopState too
 from finetune.errors import UserError, first_line
+from finetune.world import Lost, World
 
 GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
 STOP_GRACE_S = float(os.environ.get("FINETUNE_STOP_GRACE_S", "120"))  # after a stop signal, the step gets this long
@@ -60,6 +61,16 @@ class Stopped(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum   # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class PeerLost(Stopped):
+    """Another process of a distributed run died (killed, out of memory): rank 0 saved a checkpoint of the last whole
+    step (the failed one never reached the optimizer) and the adapter, as for a signal."""
+    exit_code = 1
+
+    def __init__(self, step: int, why: str):
+        self.signum, self.step = None, step
+        BaseException.__init__(self, f"another process of this distributed run stopped ({why}); stopped at step {step}")
 
 
 class StopRequest:
@@ -153,68 +164,85 @@ def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedul
 
 
 def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: LoopState, stop: StopRequest) -> LoopResult:
+    """The steps. In a distributed run (session.world) every process runs this same loop on the same rows; each
+    trains its share of a step, and only rank 0 saves, evaluates and reports."""
+    world = getattr(session, "world", None) or World()
+    stop.in_step = True  # from here until the loop ends, a stop signal waits for the step (and its checkpoint)
+    try:
+        return _steps(session, method, prepared, cfg, plan, run_dir, progress, state, stop, world)
+    except Lost as err:  # the failed step never reached the optimizer: what the state says is what was trained
+        if world.writer:
+            checkpoint.save(run_dir, session, state, cfg.save_total)
+        raise PeerLost(state.step, str(err)) from None
+    finally:
+        stop.in_step = False
+
+
+def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopState, stop: StopRequest,
+           world: World) -> LoopResult:
     per_step = method.draws_per_step(plan.batch_size, plan.grad_accum, cfg)
     order = DataOrder([x.length for x in prepared.train], per_step, cfg.seed, cfg.group_by_length)
     warmup = int(cfg.warmup_ratio * plan.max_steps)
-    stop.in_step = True  # from here until the loop ends, a stop signal waits for the step (and its checkpoint)
-    try:
-        items, save_every = prepared.train, plan.save_steps
-        window: list[float] = []
-        final_loss, bad_in_row = None, 0
-        if checkpoint.latest(run_dir) is None:
-            checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
-        while state.step < plan.max_steps:
-            if stop.signum is not None:
+    items, save_every = prepared.train, plan.save_steps
+    window: list[float] = []
+    final_loss, bad_in_row = None, 0
+    if world.writer and checkpoint.latest(run_dir) is None:
+        checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
+    while state.step < plan.max_steps:
+        if world.any(stop.signum is not None):  # every process stops after the same step
+            if world.writer:
                 checkpoint.save(run_dir, session, state, cfg.save_total)
-                raise Stopped(stop.signum, state.step)
-            indices = order.take(state.position, per_step)
-            rng = np.random.default_rng([cfg.seed, state.step, 7])
-            session.reseed(int(rng.integers(2**31)))  # every random draw of a step depends on (SEED, step) only
-            lr = learning_rate(state.step + 1, plan.max_steps, warmup, cfg.learning_rate, cfg.lr_scheduler)
-            started = time.perf_counter()
-            try:
-                batch = method.make_batch(session, [items[i] for i in indices], cfg, rng)
-                stats = session.train_step(batch, state.micro_batch, lr)
-            except Exception as err:  # noqa: BLE001 -- only out-of-memory is handled, anything else re-raised
-                if not session.is_oom(err):
-                    raise
-                state = _recover_from_oom(session, run_dir, state, err)
-                continue
-            state.train_seconds += time.perf_counter() - started
-            state.step += 1
-            state.position += per_step
-            state.tokens_seen += int(stats["tokens"])
-            if stats.pop("skipped", 0):
-                state.skipped_steps += 1
-                bad_in_row = bad_in_row if stats.pop("scaler_adjust", 0) else bad_in_row + 1
-                print(f"step {state.step}: loss {stats['loss']:.4g}, gradient norm {stats['grad_norm']:.4g}: not finite, "
-                      "skipped (not applied)", flush=True)
-                if bad_in_row >= NONFINITE_LIMIT:
+            raise Stopped(stop.signum or signal.SIGTERM, state.step)
+        indices = order.take(state.position, per_step)
+        rng = np.random.default_rng([cfg.seed, state.step, 7])
+        session.reseed(int(rng.integers(2**31)))  # every random draw of a step depends on (SEED, step) only
+        lr = learning_rate(state.step + 1, plan.max_steps, warmup, cfg.learning_rate, cfg.lr_scheduler)
+        started = time.perf_counter()
+        try:
+            batch = method.make_batch(session, [items[i] for i in indices], cfg, rng)
+            stats = session.train_step(methods.shard(batch, world.rank, world.size), state.micro_batch, lr)
+        except Exception as err:  # noqa: BLE001 -- only out-of-memory is handled, anything else re-raised
+            if not session.is_oom(err) or isinstance(err, Lost):
+                raise
+            if world.size > 1:  # the others wait in the step's collective: halving here alone cannot work
+                raise UserError(f"out of memory on process {world.rank} ({first_line(err)}); lower BATCH_SIZE "
+                                "(GRAD_ACCUM keeps the effective batch) or MAX_SEQ_LENGTH") from None
+            state = _recover_from_oom(session, run_dir, state, err)
+            continue
+        state.train_seconds += time.perf_counter() - started
+        state.step += 1
+        state.position += per_step
+        state.tokens_seen += int(stats["tokens"])
+        if stats.pop("skipped", 0):
+            state.skipped_steps += 1
+            bad_in_row = bad_in_row if stats.pop("scaler_adjust", 0) else bad_in_row + 1
+            print(f"step {state.step}: loss {stats['loss']:.4g}, gradient norm {stats['grad_norm']:.4g}: not finite, "
+                  "skipped (not applied)", flush=True)
+            if bad_in_row >= NONFINITE_LIMIT:
+                if world.writer:
                     checkpoint.save(run_dir, session, state, cfg.save_total)
-                    raise NonFinite(state.step, bad_in_row, state.skipped_steps)
-            else:
-                bad_in_row = 0
-                window.append(stats["loss"])
-                final_loss = stats["loss"]
-            if window and (state.step % cfg.logging_steps == 0 or state.step == plan.max_steps):
-                record = {"step": state.step, "tokens": state.tokens_seen, "loss": sum(window) / len(window), "lr": lr,
-                          **{k: v for k, v in stats.items() if k not in ("loss", "tokens") and _finite(v)}}
+                raise NonFinite(state.step, bad_in_row, state.skipped_steps)
+        else:
+            bad_in_row = 0
+            window.append(stats["loss"])
+            final_loss = stats["loss"]
+        if window and (state.step % cfg.logging_steps == 0 or state.step == plan.max_steps):
+            record = {"step": state.step, "tokens": state.tokens_seen, "loss": sum(window) / len(window), "lr": lr,
+                      **{k: v for k, v in stats.items() if k not in ("loss", "tokens") and _finite(v)}}
+            state.records.append(record)
+            progress({"event": "log", **record})
+            window.clear()
+        progress({"event": "step", "step": state.step, "tokens": state.tokens_seen,
+                  "memory_gb": session.peak_memory_gb(), "seconds": state.train_seconds})
+        if world.writer and (state.step % plan.eval_steps == 0 or state.step == plan.max_steps):
+            found = method.periodic_eval(session, prepared, cfg)
+            if found:
+                record = {"step": state.step, "tokens": state.tokens_seen, **found}
                 state.records.append(record)
                 progress({"event": "log", **record})
-                window.clear()
-            progress({"event": "step", "step": state.step, "tokens": state.tokens_seen,
-                      "memory_gb": session.peak_memory_gb(), "seconds": state.train_seconds})
-            if state.step % plan.eval_steps == 0 or state.step == plan.max_steps:
-                found = method.periodic_eval(session, prepared, cfg)
-                if found:
-                    record = {"step": state.step, "tokens": state.tokens_seen, **found}
-                    state.records.append(record)
-                    progress({"event": "log", **record})
-            if state.step % save_every == 0 or state.step == plan.max_steps:
-                checkpoint.save(run_dir, session, state, cfg.save_total)
-        return LoopResult(state, final_loss)
-    finally:
-        stop.in_step = False
+        if world.writer and (state.step % save_every == 0 or state.step == plan.max_steps):
+            checkpoint.save(run_dir, session, state, cfg.save_total)
+    return LoopResult(state, final_loss)
 
 
 def _finite(value) -> bool:

@@ -99,6 +99,9 @@ CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # (1.1B shape, 16 x 404-token rows) spent ~1.5 s beyond the launch overhead on 4.7e14 FLOPs: 0.31 of the datasheet
 # peak (the measured bf16 matmul peak there: 783 TFLOP/s). Other GPUs: unmeasured.
 EFFICIENCY_GPU = 0.35
+# All_reduce of a step's LoRA gradients: (latency s, bytes/s). gloo between processes on one CPU: bench/distributed.py
+# on the 2-core VM; NCCL: NVLink-class bandwidth, unmeasured (issue 24's GPU was a single H200).
+ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "mlx": (5e-4, 1.0e9)}
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
 DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
@@ -132,6 +135,7 @@ class Plan:
     sequences_per_item: int = 1   # DPO: chosen + rejected; GRPO: completions are the items
     attention: str = "sdpa"       # torch: "eager" for short rows on the CPU (faster there), else "sdpa"
     optimizer: str = "adamw"      # "paged_adamw_8bit" (bitsandbytes) on CUDA when memory is tight
+    world_size: int = 1           # processes training together (NPROC); each takes its share of every step
     micro_overhead_tokens: float | None = None  # fixed cost of a micro-batch in tokens of compute (None: never cut
     #                                             a step into more micro-batches than batch size asks; see
     #                                             methods.micro_batches)
@@ -152,6 +156,22 @@ def _linear_params(model: ModelInfo) -> int:
     return model.num_layers * (2 * h * h + 2 * h * kv + 3 * h * i)
 
 
+def _lora_params(model: ModelInfo, lora_r: int) -> int:
+    """LoRA on q,k,v,o,gate,up,down: r*(in+out) each."""
+    h, inter, kv = model.hidden_size, model.intermediate_size, model.num_kv_heads * model.head_dim
+    return model.num_layers * lora_r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+
+
+def allreduce_seconds(model: ModelInfo, lora_r: int, world_size: int, device: str) -> float:
+    """One step's gradient sum over the processes (a ring all_reduce of the fp32 LoRA gradients) plus the step's
+    small collectives (the stop check)."""
+    if world_size == 1:
+        return 0.0
+    latency, rate = ALLREDUCE[device if device in ALLREDUCE else "cpu"]
+    moved = 2 * (world_size - 1) / world_size * _lora_params(model, lora_r) * 4
+    return 2 * latency + moved / rate
+
+
 def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dtype: str, quantize: str,
                     lora_r: int, device: str, trained_share: float = 0.3, attention: str = "sdpa") -> dict[str, float]:
     """Predicted training peak in GB per component, plus "total"."""
@@ -166,8 +186,7 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
         weights = model.num_params * 4 + (linear * 2 if dtype == "bf16" else 0)
     else:
         weights = model.num_params * nbytes
-    # LoRA on q,k,v,o,gate,up,down: r*(in+out) each.
-    lora_params = layers * lora_r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+    lora_params = _lora_params(model, lora_r)
     tokens = batch * seq
     elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
     # 4-bit on a GPU is the CPU's mix: bf16/fp16 matmuls under autocast, an fp32 residual stream and norms (kbit prep)
@@ -300,7 +319,8 @@ def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str
 
 def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
          n_train_rows: int, mean_tokens: float, max_tokens: int | None = None, sequences_per_item: int = 1,
-         draws_per_item: float = 1.0, trained_share: float = 0.3, sampled_per_item: int = 0) -> Plan:
+         draws_per_item: float = 1.0, trained_share: float = 0.3, sampled_per_item: int = 0,
+         world_size: int = 1) -> Plan:
     """Fill the auto fields of `cfg` for this machine; user-set values are kept as given.
     `max_tokens` (the longest encoded row) lets memory be planned for the data actually present:
     batches are padded to their longest row, never to MAX_SEQ_LENGTH. `trained_share` is the share of tokens
@@ -380,6 +400,15 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     grad_accum = cfg.grad_accum or max(1, TARGET_EFFECTIVE_BATCH // batch)
     reasons.append(f"grad accumulation {grad_accum}: " + ("set by you" if cfg.grad_accum else
                    f"effective batch {batch * grad_accum} (target {TARGET_EFFECTIVE_BATCH})"))
+    per_process = math.ceil(grad_accum / world_size)  # micro-batches each process runs per step
+    if world_size > 1:
+        if batch * grad_accum < world_size:
+            raise UserError(f"NPROC={world_size}: a step has only {batch * grad_accum} rows (BATCH_SIZE x GRAD_ACCUM), "
+                            f"fewer than the processes; raise GRAD_ACCUM to at least {math.ceil(world_size / batch)} "
+                            "or lower NPROC")
+        reasons.append(f"{world_size} processes (NPROC): the effective batch stays {batch * grad_accum}; each process "
+                       f"trains its share, at most {batch} x {per_process} rows of a step (accumulation {grad_accum} -> "
+                       f"{per_process} per process); memory is per process")
 
     breakdown = estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
                                 trained_share, attention)
@@ -411,11 +440,18 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     peak_flops, eff, peak_source = _peak_flops(hw, device, dtype, attention)
     flops_per_token = 4 * model.num_params + 12 * model.num_layers * row_tokens * model.hidden_size
     compute_s = tokens * flops_per_token * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1) / (peak_flops * eff)
+    # processes on one CPU share its cores (the measured peak is the machine's); GPUs and Macs each bring their own
+    compute_s /= world_size if device != "cpu" else 1
     # Fixed cost per micro-batch (batching, autograd bookkeeping, optimizer); dominates small models.
     micro_overhead_s = (STEP_OVERHEAD_S.get(device, 0.05) + (CKPT_STEP_OVERHEAD_S.get(device, 0) if ckpt else 0)
                         + (CUDA_LAYER_OVERHEAD_S * model.num_layers * (CKPT_TIME_FACTOR.get(device, 1.5) if ckpt else 1)
                            if device == "cuda" else 0))  # checkpointing launches the forward twice
-    seconds = compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps) + max_steps * grad_accum * micro_overhead_s
+    seconds = compute_s * (1 + WARMUP_STEPS.get(device, 0) / max_steps) + max_steps * per_process * micro_overhead_s
+    if world_size > 1:
+        comm = allreduce_seconds(model, cfg.lora_r, world_size, device)
+        seconds += max_steps * comm
+        reasons.append(f"time: + {comm * 1e3:.1f} ms per step to sum the LoRA gradients over {world_size} processes"
+                       + ("; processes on one CPU share its cores, so they add no compute" if device == "cpu" else ""))
     if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
         per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
         seconds += max_steps * sampled_per_item * per_position
@@ -429,7 +465,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
                 max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, save_steps=save_steps,
                 gradient_checkpointing=ckpt, sequences_per_item=sequences_per_item, attention=attention,
-                optimizer=optimizer,
+                optimizer=optimizer, world_size=world_size,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
                 est_tokens_per_s=tokens_per_s, micro_overhead_tokens=micro_overhead_tokens, reasons=reasons)
@@ -450,6 +486,9 @@ def format_plan(plan: Plan) -> str:
         ("method", plan.method),
         ("batch x grad accum", f"{plan.batch_size} x {plan.grad_accum} = "
                                f"{plan.batch_size * plan.grad_accum} effective"),
+        *([("processes", f"{plan.world_size} (each: batch {plan.batch_size} x "
+                         f"{math.ceil(plan.grad_accum / plan.world_size)} of every step; memory below is per process)")]
+          if plan.world_size > 1 else []),
         ("max seq length", str(plan.max_seq_length)),
         ("steps", f"{plan.max_steps} (eval every {plan.eval_steps}, checkpoint every {plan.save_steps})"),
         ("grad checkpointing", "on" if plan.gradient_checkpointing else "off"),

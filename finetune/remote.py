@@ -31,12 +31,18 @@ TIMEOUT_MARGIN = 1.5         # the job's timeout = (setup + estimate) x this
 CODE_FILES = ("run.sh", "setup_environment.sh", "requirements.txt", "requirements-unsloth.txt", "pyproject.toml",
               "README.md")
 CODE_DIRS = ("finetune", "backends")
-# Single-GPU flavors (the toolkit trains on one GPU) with prices from the Jobs docs, 2026-11: used when the
-# hardware endpoint cannot be reached. (name, GPU, VRAM GB, compute capability, USD/hour)
-FALLBACK = (("t4-small", "T4", 16, "7.5", 0.40), ("t4-medium", "T4", 16, "7.5", 0.60),
-            ("l4x1", "L4", 24, "8.9", 0.80), ("a10g-small", "A10G", 24, "8.6", 1.00),
-            ("a10g-large", "A10G", 24, "8.6", 1.50), ("l40sx1", "L40S", 48, "8.9", 1.80),
-            ("a100-large", "A100", 80, "8.0", 2.50), ("h200", "H200", 141, "9.0", 5.00))
+# GPU flavors with prices from the Jobs docs, 2026-11: used when the hardware endpoint cannot be reached.
+# (name, GPU, VRAM GB per GPU, compute capability, USD/hour for the whole flavor, GPUs). A multi-GPU flavor runs
+# the job with NPROC = its GPUs (torchrun, finetune/launch.py): data-parallel, so it fits what one of its GPUs
+# fits and finishes sooner; auto picks one when it is the cheapest within REMOTE_MAX_HOURS.
+FALLBACK = (("t4-small", "T4", 16, "7.5", 0.40, 1), ("t4-medium", "T4", 16, "7.5", 0.60, 1),
+            ("l4x1", "L4", 24, "8.9", 0.80, 1), ("l4x4", "L4", 24, "8.9", 3.80, 4),
+            ("a10g-small", "A10G", 24, "8.6", 1.00, 1), ("a10g-large", "A10G", 24, "8.6", 1.50, 1),
+            ("a10g-largex2", "A10G", 24, "8.6", 3.00, 2), ("a10g-largex4", "A10G", 24, "8.6", 5.00, 4),
+            ("l40sx1", "L40S", 48, "8.9", 1.80, 1), ("a100-large", "A100", 80, "8.0", 2.50, 1),
+            ("a100x4", "A100", 80, "8.0", 10.00, 4), ("a100x8", "A100", 80, "8.0", 20.00, 8),
+            ("h200", "H200", 141, "9.0", 5.00, 1), ("h200x2", "H200", 141, "9.0", 10.00, 2),
+            ("h200x4", "H200", 141, "9.0", 20.00, 4), ("h200x8", "H200", 141, "9.0", 40.00, 8))
 # Compute capability by GPU model (NVIDIA's CUDA GPU list), matched on the live entry's name with spaces and
 # case ignored, longest key first ("L40S" before "L4", "A100" before "A10"): the live list gains GPUs before
 # the fallback table does. A name matching none is planned as UNKNOWN_CAPABILITY: no bf16, so never a dtype the
@@ -67,14 +73,22 @@ class Flavor:
     usd_per_hour: float
     ram_gb: float = 46.0
     known: bool = True   # False: the GPU name is not in CAPABILITY (planned as UNKNOWN_CAPABILITY)
+    gpus: int = 1        # vram_gb is per GPU
 
     def hardware(self) -> hardware.Hardware:
         cc = float(self.capability)
+        device = hardware.CudaDevice(f"NVIDIA {self.gpu}", self.vram_gb, self.capability, cc >= 8.0)
         return hardware.Hardware(os="Linux", arch="x86_64", chip=f"HF Jobs {self.name}", ram_total_gb=self.ram_gb,
                                  ram_available_gb=self.ram_gb, swap_total_gb=0, disk_free_gb=50, cpu_cores=8,
-                                 cuda_devices=[hardware.CudaDevice(f"NVIDIA {self.gpu}", self.vram_gb, self.capability,
-                                                                   cc >= 8.0)],
-                                 packages={"torch": "cuda", "bitsandbytes": "yes"})
+                                 cuda_devices=[device] * self.gpus, packages={"torch": "cuda", "bitsandbytes": "yes"})
+
+    @property
+    def gpu_text(self) -> str:
+        return self.gpu if self.gpus == 1 else f"{self.gpus}x {self.gpu}"
+
+
+def _fallback() -> list[Flavor]:
+    return [Flavor(name, gpu, vram, cc, usd, gpus=n) for name, gpu, vram, cc, usd, n in FALLBACK]
 
 
 def _gb(text) -> float:
@@ -85,25 +99,27 @@ def _gb(text) -> float:
 
 
 def flavors(api=None) -> tuple[list[Flavor], str]:
-    """Single-GPU flavors with live prices, or the fallback table (and which one was used)."""
+    """GPU flavors with live prices, or the fallback table (and which one was used)."""
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        return [Flavor(*f) for f in FALLBACK], "fallback table (HF_HUB_OFFLINE is set)"
+        return _fallback(), "fallback table (HF_HUB_OFFLINE is set)"
     try:
         from huggingface_hub import HfApi
 
         live = (api or HfApi()).list_jobs_hardware()
     except Exception as err:  # noqa: BLE001 -- unreachable or refused: the documented table instead
-        return [Flavor(*f) for f in FALLBACK], f"fallback table (prices endpoint unreachable: {type(err).__name__})"
+        return _fallback(), f"fallback table (prices endpoint unreachable: {type(err).__name__})"
     out = []
     for h in live:
         acc = h.accelerator
-        if acc is None or _gb(getattr(acc, "quantity", 1)) != 1:  # CPU-only, or several GPUs: it trains on one
+        if acc is None:  # CPU-only
             continue
+        gpus = max(1, int(_gb(getattr(acc, "quantity", 1)) or 1))
         per_hour = h.unit_cost_usd * {"minute": 60, "hour": 1, "second": 3600}.get(h.unit_label, 60)
         gpu, cc = str(acc.model), capability(acc.model)
-        out.append(Flavor(h.name, gpu, _gb(acc.vram), cc or UNKNOWN_CAPABILITY, per_hour, _gb(h.ram) or 46.0,
-                          known=cc is not None))
-    return (out or [Flavor(*f) for f in FALLBACK]), "live prices (Jobs hardware endpoint)"
+        # the endpoint gives the flavor's VRAM in all (an x2 A100 says 160 GB): the planner wants one GPU's
+        out.append(Flavor(h.name, gpu, _gb(acc.vram) / gpus, cc or UNKNOWN_CAPABILITY, per_hour, _gb(h.ram) or 46.0,
+                          known=cc is not None, gpus=gpus))
+    return (out or _fallback()), "live prices (Jobs hardware endpoint)"
 
 
 @dataclass
@@ -127,7 +143,7 @@ def quote(cfg, model, prepared, items_per_draw, options: list[Flavor]) -> list[Q
         try:
             p = planner.make(cfg, f.hardware(), model, "torch", "cuda", len(prepared.train), prepared.mean_tokens,
                              prepared.longest, prepared.sequences_per_item, items_per_draw, prepared.trained_share,
-                             prepared.sampled_per_item)
+                             prepared.sampled_per_item, world_size=f.gpus)
             out.append(Quote(f, p, None))
         except UserError as err:
             out.append(Quote(f, None, str(err).split(";")[0]))
@@ -138,7 +154,7 @@ def pick(quotes: list[Quote], requested: str, max_hours: float) -> Quote:
     if requested != "auto":
         found = next((q for q in quotes if q.flavor.name == requested), None)
         if found is None:
-            raise UserError(f"FLAVOR={requested!r} is not a single-GPU Jobs flavor; choose one of auto, "
+            raise UserError(f"FLAVOR={requested!r} is not a GPU Jobs flavor; choose one of auto, "
                             + ", ".join(q.flavor.name for q in quotes))
         if found.plan is None:
             raise UserError(f"FLAVOR={requested}: the run does not fit ({found.why_not})")
@@ -154,14 +170,15 @@ def format_quotes(quotes: list[Quote], chosen: Quote | None, source: str) -> str
     rows = []  # (mark, flavor, GPU, VRAM, $/h, plan, time, cost): widths come from the content (long GPU names)
     for q in quotes:
         f, p = q.flavor, q.plan
-        head = ("*" if chosen and q is chosen else " ", f.name, f.gpu, f"{f.vram_gb:.0f}G", f"{f.usd_per_hour:.2f}")
+        head = ("*" if chosen and q is chosen else " ", f.name, f.gpu_text, f"{f.vram_gb:.0f}G",
+                f"{f.usd_per_hour:.2f}")
         if p is None:
             rows.append(head + (f"does not fit: {q.why_not[:60]}", "", ""))
             continue
         setup = f"b{p.batch_size}x{p.grad_accum}{', ckpt' if p.gradient_checkpointing else ''}, {p.dtype}" \
                 f"{', 4-bit' if p.quantize == '4bit' else ''}"
         rows.append(head + (setup, hms(q.hours * 3600), "$%.2f" % q.cost))
-    header = ("", "flavor", "GPU", "VRAM", "$/h", "plan", "time", "cost")
+    header = ("", "flavor", "GPU", "VRAM/GPU", "$/h", "plan", "time", "cost")
     fits = [r for r in rows if r[6]]
     w = [max(len(r[i]) for r in [header] + (fits if i >= 5 else rows)) for i in range(8)]
 
@@ -263,7 +280,8 @@ def submit(cfg, sources: dict, record_plan: Quote, model_name: str, settings_env
         commit = api.create_commit(data_repo, repo_type="dataset", commit_message="finetune job: code + data",
                                    operations=[CommitOperationAdd(path_in_repo=n, path_or_fileobj=p) for p, n in files])
         env = {**settings_env, "PUSH_TO_HUB": result_repo, "RUN_NAME": run_name, "OUTPUT_DIR": f"/workspace/{run_name}",
-               "FLAVOR": "auto", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", hub.SUBMISSION: submission,
+               "FLAVOR": "auto", "NPROC": str(record_plan.flavor.gpus),  # several GPUs: the job starts torchrun
+               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", hub.SUBMISSION: submission,
                hardware.EXPECT_CUDA: "1"}  # priced for a GPU: without a usable one the job stops, never trains on CPU
         env.pop("REMOTE", None)
         timeout = int((SETUP_SECONDS + record_plan.plan.est_seconds) * TIMEOUT_MARGIN)
@@ -284,7 +302,8 @@ def settings_env(cfg, sources: dict) -> dict:
     """The settings you set (not the planner's choices: the job plans for its own GPU), as env vars."""
     from finetune.config import FIELDS, env_name
 
-    skip = {"dataset", "adapter", "output_dir", "run_name", "push_to_hub", "remote", "flavor", "resume", "remote_max_hours"}
+    skip = {"dataset", "adapter", "output_dir", "run_name", "push_to_hub", "remote", "flavor", "resume", "remote_max_hours",
+            "nproc"}
     return {env_name(k): str(getattr(cfg, k)) for k, s in sources.items()
             if s != "default" and k in FIELDS and not FIELDS[k].metadata["cli_only"] and k not in skip
             and getattr(cfg, k) is not None}
@@ -308,6 +327,8 @@ def train(cfg, sources: dict) -> int:
     chosen = pick(quotes, cfg.flavor, cfg.remote_max_hours)
     print(f"Data: {rows.source} -> {len(prepared.train)} train items ({rows.shape}), checked here")
     print(format_quotes(quotes, chosen, source))
+    if cfg.dry_run:  # the chosen flavor's plan, per GPU (a multi-GPU flavor: per process)
+        print(planner.format_plan(chosen.plan).replace("Plan", f"Plan on {chosen.flavor.name}", 1))
     timeout = int((SETUP_SECONDS + chosen.plan.est_seconds) * TIMEOUT_MARGIN)
     print(f"Job: {chosen.flavor.name}, timeout {hms(timeout)} (estimate x {TIMEOUT_MARGIN:g}), "
           f"about ${chosen.cost:.2f}")

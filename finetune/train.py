@@ -14,15 +14,20 @@ any reason (Ctrl-C, SIGTERM, an error, a full disk) leaves the adapter it traine
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import platform
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, fields, replace
 
 import backends
-from finetune import (__version__, adapters, checkpoint, fsio, hardware, loop, methods, models, outputs, runs,
-                      system_prompt, workload)
+from finetune import (__version__, adapters, checkpoint, fsio, hardware, launch, loop, methods, models, outputs, runs,
+                      system_prompt, workload, world as worlds)
 from finetune import plan as planner
 from finetune.config import FIELDS, Config, env_name
 from finetune.errors import UserError
@@ -31,7 +36,7 @@ from finetune.tracking import Tracker
 
 # Settings a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save_total", "push_to_hub", "yes",
-                     "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours"}
+                     "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours", "nproc"}
 # Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
 # resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
 ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True}
@@ -87,8 +92,17 @@ def _check_combination(cfg: Config, plan: planner.Plan) -> None:
             raise UserError("REPORT_TO=trackio needs the trackio package: .venv/bin/pip install trackio")
 
 
-def run(cfg: Config, sources: dict[str, str]) -> int:
-    """Train here (REMOTE=none; the CLI sends the rest to finetune.remote, which calls inspect() below)."""
+def run(cfg: Config, sources: dict[str, str], argv: list[str] | None = None) -> int:
+    """Train here (REMOTE=none; the CLI sends the rest to finetune.remote, which calls inspect() below). With
+    NPROC > 1, check everything in this process, then start the same command under torchrun (finetune.launch)."""
+    if argv is not None and not cfg.dry_run and not worlds.launched():
+        world_size = launch.processes(cfg.nproc, hardware.detect())
+        if world_size > 1:
+            with contextlib.redirect_stdout(io.StringIO()):  # the checks only: rank 0 prints the settings and plan
+                checked = run(replace(cfg, dry_run=True), sources)
+            if checked:
+                return checked
+            return launch.start(world_size, argv)
     tees = outputs.start_log()
     try:
         if cfg.resume:
@@ -119,7 +133,7 @@ def _resume(cfg: Config, sources: dict[str, str], tees) -> int:
                             "a resumed run keeps its settings (start a new run to change them)")
     kept = {k: v for k, v in recorded.items() if k in FIELDS and not FIELDS[k].metadata["cli_only"]}
     changed = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in kept and sources.get(k, "default") != "default"}
-    resumed = replace(Config(**{**kept, **changed}), resume=run_dir, output_dir=run_dir)
+    resumed = replace(Config(**{**kept, **changed}), resume=run_dir, output_dir=run_dir, dry_run=cfg.dry_run)
     workload.check_same_data(resumed, record, run_dir)
     # the model is the one the run used, never a fallback
     return _train(resumed, {**record["sources"], "resume": "cli", "model": "resume"}, tees, record=record)
@@ -136,12 +150,19 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
         print(f"warning: {no_gpu}; planning for the CPU")
     method, rows, start, model, fallback, tokenizer, prepared = workload.inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
-    if backend.device(hw) == "cpu":  # the time estimate uses this machine's measured matmul rate
+    world = launch.join(backend, hw) if worlds.launched() else worlds.World()
+    world_size = world.size if worlds.launched() else launch.processes(cfg.nproc, hw)
+    launch.check_backend(backend.name, world_size, worlds.launched())
+    if not world.writer:  # rank 0 prints and writes for the run; the others' errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    if backend.device(hw) == "cpu" and world.writer:  # the time estimate uses this machine's measured matmul rate
         hw.cpu_peak_gflops = hardware.measure_cpu_peak(hw.cpu_bf16)
     try:
         plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(prepared.train), prepared.mean_tokens,
                             prepared.longest, prepared.sequences_per_item, method.items_per_draw(cfg),
-                            prepared.trained_share, prepared.sampled_per_item)
+                            prepared.trained_share, prepared.sampled_per_item, world_size)
+        if world.size > 1:  # every process trains with rank 0's plan (memory probes may differ a little)
+            plan = planner.Plan(**json.loads(world.share(json.dumps(asdict(plan)))))
     except UserError as err:
         if cfg.dry_run and "does not fit" in str(err):  # say where it would fit instead
             from finetune import remote
@@ -173,17 +194,22 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     print(planner.format_plan(plan))
     if record is None:
         run_name = cfg.run_name or outputs.default_run_name(model.name, cfg.method)
-        run_dir = outputs.check_output_dir(cfg.output_dir, run_name)
+        run_dir = outputs.check_output_dir(cfg.output_dir, run_name) if world.writer else ""
         if cfg.dry_run:
             print(f"Dry run: nothing trained; the run would write {run_dir}")
             return 0
         models.check_weights(model)
         made_dir = not os.path.isdir(run_dir)  # an empty OUTPUT_DIR the user made stays if the run leaves nothing
-        run_dir = outputs.create_run_dir(run_dir, named=bool(cfg.output_dir))
+        if world.writer:
+            run_dir = outputs.create_run_dir(run_dir, named=bool(cfg.output_dir))
+        run_dir = world.share(run_dir)
     else:
         run_name, run_dir, made_dir = record["run_name"], cfg.resume, False
         if cfg.dry_run:
             return 0
+    if not world.writer:
+        return _follow(final, world, run_dir, backend, plan, model, tokenizer, method, prepared, start,
+                       resumed="evaluation" in record if record else False)
     with runs.RunLock(run_dir):
         outputs.attach_log(tees, os.path.join(run_dir, "training_log.txt"))
         if record is None:
@@ -202,11 +228,40 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
                 _remove_contents(run_dir, made_dir)  # nothing trained yet: leave no half-made run behind
                 raise fsio.WriteError(run_dir, err) from None
         else:
-            record.update(status="running", resumed=record.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")])
-        return _session(final, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir)
+            record.update(status="running", resumed=record.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")],
+                          world_sizes=record.get("world_sizes", [record["plan"].get("world_size", 1)]) + [world.size])
+        return _session(final, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir,
+                        world)
 
 
-def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir) -> int:
+def _follow(cfg, world, run_dir, backend, plan, model, tokenizer, method, prepared, start, resumed: bool) -> int:
+    """Rank > 0 of a distributed run: train this process's share of every step. Rank 0 evaluates and writes
+    everything; this process writes nothing, and reads the checkpoint rank 0 resumes from."""
+    try:
+        with loop.StopRequest() as stop:
+            models.fetch_weights(model)
+            adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
+            try:
+                session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
+            finally:
+                adapters.drop_converted(start, adapter_dir)
+            session.world = world
+            method.start(session, prepared, cfg)
+            world.barrier()  # rank 0 has evaluated the starting model (or cleaned a resumed run's checkpoints)
+            found = checkpoint.latest(run_dir) if resumed else None
+            state = checkpoint.load(found, session) if found else loop.LoopState(micro_batch=plan.batch_size,
+                                                                                 grad_accum=plan.grad_accum)
+            loop.run(session, method, prepared, cfg, plan, run_dir, lambda event: None, state, stop)
+    except loop.Stopped as stopped:
+        return stopped.exit_code
+    except worlds.Lost:  # rank 0 went away before the loop (it reports why)
+        return 1
+    return 0
+
+
+def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prepared, start, t0, made_dir,
+             world=None) -> int:
+    world = world or worlds.World()
     run_json = os.path.join(run_dir, "run.json")
     fsio.write_json(run_json, record)
     state = session = None
@@ -220,6 +275,7 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
                 session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
             finally:
                 adapters.drop_converted(start, adapter_dir)
+            session.world = world
             stop.check(0)
             method.start(session, prepared, cfg)  # before any update: DPO's reference is the starting model
             state = loop.LoopState(micro_batch=plan.batch_size, grad_accum=plan.grad_accum)
@@ -234,6 +290,7 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
                 print(f"  before: {_eval_line(before)}")
                 record["evaluation"] = {"before": before.to_dict()}
                 fsio.write_json(run_json, record)
+            world.barrier()  # the other processes start their steps (and read a resumed run's checkpoint) now
             stop.check(state.step)
             outputs.write_metrics(metrics_path, state.records)
             tracker = Tracker(cfg, record["run_name"], record["config"], resumed=bool(record.get("resumed")))
@@ -249,12 +306,14 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
             print(f"  after: {_eval_line(after)}")
             tracker.finish()
     except loop.Stopped as stopped:
+        if isinstance(stopped, loop.PeerLost):  # torchrun SIGTERMs every process when one dies: finish writing first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if _nothing_trained(record, run_dir, made_dir):
             return stopped.exit_code
         state = _stopped_state(run_dir, state)
         if session is not None and state.step > 0:
             session.save_adapter(run_dir)
-        _finish_early(record, run_json, run_dir, state, "interrupted", f"stopped by signal {stopped.signum}")
+        _finish_early(record, run_json, run_dir, state, "interrupted", str(stopped))
         done = state.step >= cfg.max_steps
         print(f"Interrupted {'during the final evaluation' if done else f'at step {state.step}'}: the adapter "
               f"{'is complete' if done else 'so far is'} in {run_dir}.\nContinue with: {runs.resume_command(run_dir)}")

@@ -109,7 +109,7 @@ def test_no_jobs_access_and_unknown_flavor_are_one_line(hub, run_env, tmp_path):
     result, _ = submit(hub, run_env, tmp_path, token="hf_nojobs")
     assert result.returncode == 2 and "402" in result.stderr and "credits" in result.stderr
     result, _ = submit(hub, run_env, tmp_path, "--flavor", "v100-huge")
-    assert result.returncode == 2 and "FLAVOR='v100-huge' is not a single-GPU Jobs flavor" in result.stderr
+    assert result.returncode == 2 and "FLAVOR='v100-huge' is not a GPU Jobs flavor" in result.stderr
     result, _ = submit(hub, run_env, tmp_path, token=None)
     assert result.returncode == 2 and "no Hugging Face token" in result.stderr
     assert not hub.jobs
@@ -250,10 +250,61 @@ def test_live_flavors_missing_from_the_fallback_table_are_planned_and_priced(run
         assert "bf16" in next(x for x in lines if x.startswith("* rtx-pro-6000 "))  # chosen, planned with its bf16
         unknown = next(x for x in lines if x[2:].startswith("zz-gpu "))
         assert "fp16" in unknown and "Z9000" in preview.stdout and "no known compute capability" in preview.stdout
-        assert "rtx-pro-6000x2" not in preview.stdout and "a100-pair" not in preview.stdout
+        pair = next(x for x in lines if x[2:].startswith("a100-pair "))  # several GPUs: VRAM per GPU, NPROC there
+        assert "2x A100" in pair and " 80G " in pair
+        assert "2x RTX PRO 6000" in next(x for x in lines if x[2:].startswith("rtx-pro-6000x2 "))
         result = run_cli(["train", "--remote", "hf-jobs", "--yes", "--max-steps", "2", "--flavor", "rtx-pro-6000"], env)
         assert result.returncode == 0, result.stderr[-1500:]
         (job_id,) = hub.jobs
         assert hub.jobs[job_id]["spec"]["flavor"] == "rtx-pro-6000"
         status = run_cli(["jobs", "status", job_id], env)
         assert "flavor rtx-pro-6000 ($2.70/h)" in status.stdout, status.stdout + status.stderr
+
+
+MULTI = HARDWARE + [_several(_hw("h200", "Nvidia H200", "23 vCPU", "256 GB", 5.00, "H200", "141 GB"), "1"),
+                    _several(_hw("h200x4", "4x Nvidia H200", "92 vCPU", "1024 GB", 20.00, "H200", "564 GB"), "4")]
+
+
+def test_a_multi_gpu_flavor_is_planned_per_gpu_and_its_job_runs_nproc_processes(run_env, tmp_path, big_model):
+    with HubServer(hardware=MULTI) as hub:
+        env = env_for(run_env, hub, tmp_path, MODEL=big_model)
+        args = ["train", "--remote", "hf-jobs", "--max-steps", "400", "--max-seq-length", "2048"]
+        preview = run_cli([*args, "--dry-run", "--flavor", "h200x4"], env)
+        assert preview.returncode == 0, preview.stderr[-1500:]
+        assert "Plan on h200x4" in preview.stdout and "4 processes (NPROC)" in preview.stdout
+        assert "memory below is per process" in preview.stdout
+        times = {}
+        for line in preview.stdout.splitlines():
+            for name in ("h200", "h200x4"):
+                if line[2:].startswith(name + " "):
+                    h, m, s = (int(x) for x in line.split()[-2].split(":"))
+                    times[name] = h + m / 60 + s / 3600
+        assert times["h200x4"] < times["h200"]  # four GPUs share the steps (setup time stays)
+        # auto: the cheapest flavor within REMOTE_MAX_HOURS; when one H200 is too slow, the x4 is picked
+        limit = (times["h200x4"] + times["h200"]) / 2
+        auto = run_cli([*args, "--dry-run", "--remote-max-hours", f"{limit:.3f}"], env)
+        assert "auto picks h200x4" in auto.stdout, auto.stdout[-2500:] + auto.stderr[-1500:]
+        done = run_cli([*args, "--yes", "--flavor", "h200x4"], env)
+        assert done.returncode == 0, done.stderr[-1500:]
+        (job,) = hub.jobs.values()
+        spec = job["spec"]
+        assert spec["flavor"] == "h200x4" and spec["environment"]["NPROC"] == "4"
+        assert "./run.sh train" in spec["command"][-1]
+
+
+def test_nproc_above_one_reruns_the_same_command_under_torchrun(monkeypatch, tmp_path, tiny_model, cache_dir):
+    """What the job's `./run.sh train` does with NPROC=4: every check here, then torchrun with the same arguments."""
+    from finetune import cli, launch
+
+    started = []
+    monkeypatch.setattr(launch, "start", lambda n, argv: started.append((n, argv)) or 0)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in ("WORLD_SIZE", "MLX_RANK", "NPROC"):
+        monkeypatch.delenv(key, raising=False)
+    argv = ["train", "--model", "finetune/tiny-qwen2", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2",
+            "--output-dir", str(tmp_path / "run"), "--nproc", "4", "--backend", "torch"]
+    cli.main(argv)
+    assert started == [(4, argv)]
+    assert launch.torchrun_command(4, argv)[1:] == ["-m", "finetune.launch", "--standalone", "--nproc-per-node=4",
+                                                    "-m", "finetune", "--", *argv]
+    assert not os.path.exists(tmp_path / "run")  # the checks wrote nothing; rank 0 makes the run directory

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from tests.conftest import run_cli
+from finetune.template import Encoded
 
 
 def tiny(run_env, out, **extra) -> dict:
@@ -200,3 +201,20 @@ def test_kto_rows_mixing_text_and_messages_are_one_line(run_env, tmp_path):
     result = run_cli(["--dry-run"], tiny(run_env, tmp_path / "o", METHOD="kto", DATASET=str(mixed)))
     assert result.returncode == 2 and "use one form per file" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_shard_deals_a_steps_items_to_processes_and_keeps_the_whole_steps_denominator():
+    from finetune.methods import Batch, shard
+
+    seqs = [Encoded(list(range(n)), list(range(n))) for n in (5, 9, 3, 7, 2, 8)]  # three DPO pairs
+    batch = Batch("dpo", seqs, 3.0, {"ref": [float(i) for i in range(6)]}, group=2, stats={"reward": 1.5})
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert all(p.denominator == 3.0 and p.stats == {"reward": 1.5} and p.group == 2 for p in parts)
+    got = [s for p in parts for s in p.sequences]
+    assert sorted(map(id, got)) == sorted(map(id, seqs))  # every sequence once
+    for p in parts:  # pairs stay whole, with their own per-sequence values
+        for i in range(0, len(p.sequences), 2):
+            k = seqs.index(p.sequences[i])
+            assert k % 2 == 0 and p.sequences[i + 1] is seqs[k + 1] and p.per_sequence["ref"][i:i + 2] == [k, k + 1]
+    assert [len(p.sequences) for p in parts] == [4, 2]  # by length 9, 8, 7: pairs (5, 9) and (3, 7) to rank 0
+    assert shard(batch, 0, 1) is batch

@@ -478,3 +478,29 @@ def test_attention_follows_what_the_model_class_supports():
     on_t4 = plan.make(Config(), t4_hw, gemma2, "torch", t4_device, ROWS, MEAN_TOKENS)
     assert on_t4.dtype == "fp32" and any("gemma2 overflows fp16" in r for r in on_t4.reasons)
     assert make("t4-16", "0.5B").dtype == "fp16"
+
+
+def test_world_size_keeps_the_effective_batch_and_memory_and_splits_the_time():
+    """NPROC: each process trains its share of every step with the single-process micro-batch, so memory per process
+    is unchanged; GPUs divide the compute (plus the gradient sum), processes on one CPU share its cores."""
+    hw, device = MACHINES["rtx4090-24"]
+    gpus = linux(64, gpus=[RTX4090] * 4)
+    cfg = Config(batch_size=4, grad_accum=4)  # one process: 4 micro-batches a step; four: one each
+    one = plan.make(cfg, hw, MODELS["1.5B"], "torch", device, ROWS, MEAN_TOKENS)
+    four = plan.make(cfg, gpus, MODELS["1.5B"], "torch", device, ROWS, MEAN_TOKENS, world_size=4)
+    assert four.world_size == 4 and one.world_size == 1
+    assert (four.batch_size, four.grad_accum, four.max_steps) == (one.batch_size, one.grad_accum, one.max_steps)
+    assert four.predicted_peak_gb == one.predicted_peak_gb
+    comm = plan.allreduce_seconds(MODELS["1.5B"], 16, 4, "cuda")
+    assert comm > 0 and plan.allreduce_seconds(MODELS["1.5B"], 16, 1, "cuda") == 0
+    assert 0.25 * one.est_seconds < four.est_seconds < 0.3 * one.est_seconds
+    assert any("4 processes (NPROC)" in r for r in four.reasons)
+    text = plan.format_plan(four)
+    assert "processes" in text and "memory below is per process" in text
+    cpu_hw, _ = MACHINES["cpu-8"]
+    cpu_one = plan.make(Config(), cpu_hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
+    cpu_two = plan.make(Config(), cpu_hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS, world_size=2)
+    assert cpu_two.est_seconds >= cpu_one.est_seconds * 0.95  # the same cores: no speed-up is promised
+    with pytest.raises(UserError, match="NPROC=8: a step has only 4 rows"):
+        plan.make(Config(batch_size=2, grad_accum=2), hw, MODELS["0.5B"], "torch", device, ROWS, MEAN_TOKENS,
+                  world_size=8)

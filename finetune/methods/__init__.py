@@ -102,3 +102,18 @@ def split_points(lengths: list[int], size: int, overhead_tokens: float | None) -
         runs.append((cut[stop], stop))
         stop = cut[stop]
     return runs[::-1]
+
+
+def shard(batch: Batch, rank: int, size: int) -> Batch:
+    """Process `rank`'s share of a step (finetune/world.py): items (a DPO pair stays whole) dealt longest first,
+    rank, rank + size, ..., so every process gets a like amount of work. The denominator and stats stay the whole
+    step's: the processes' summed losses and gradients are then the single-process step's exactly."""
+    if size == 1:
+        return batch
+    group = batch.group
+    n_items = len(batch.sequences) // group
+    lengths = [max(batch.sequences[i * group + k].length for k in range(group)) for i in range(n_items)]
+    mine = sorted(range(n_items), key=lambda i: -lengths[i])[rank::size]
+    seqs = [i * group + k for i in sorted(mine) for k in range(group)]
+    return Batch(batch.method, [batch.sequences[s] for s in seqs], batch.denominator,
+                 {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}, group, batch.stats)
