@@ -53,6 +53,9 @@ class Backend(Protocol):
     # choice on this machine (MLX off Apple silicon), with the reason `doctor` prints.
     # Optional: `before_transformers(hw) -> None` -- called before anything imports transformers, for a backend
     # that patches it as it loads (Unsloth); only for the backend asked for, or every candidate of `auto`.
+    # Optional: `join(hw) -> finetune.world.World` -- for a process started by a launcher (torchrun, mlx.launch):
+    # its rank and the backend's sum over the processes. The session's `world` attribute is then set to it and its
+    # train_step sums the step's gradients over the processes (finetune/world.py has the rules).
 
 
 def _registry() -> dict[str, str]:

@@ -15,12 +15,12 @@ from finetune.errors import UserError
 from finetune.loop import STOP_GRACE_S
 
 
-def processes(nproc: str, hw) -> int:
-    """NPROC: a number, or auto = one per visible CUDA GPU (a CPU or a Mac trains in one process: its cores are
-    already all in use by one)."""
+def processes(nproc: str, hw, backend_name: str) -> int:
+    """NPROC: a number, or auto = one per visible CUDA GPU with the torch backend (a CPU or a Mac trains in one
+    process: its cores are already all in use by one; Unsloth trains on one GPU)."""
     if nproc != "auto":
         return int(nproc)
-    return max(1, len(hw.cuda_devices))
+    return max(1, len(hw.cuda_devices)) if backend_name == "torch" else 1
 
 
 def join(backend, hw):

@@ -95,8 +95,9 @@ def _check_combination(cfg: Config, plan: planner.Plan) -> None:
 def run(cfg: Config, sources: dict[str, str], argv: list[str] | None = None) -> int:
     """Train here (REMOTE=none; the CLI sends the rest to finetune.remote, which calls inspect() below). With
     NPROC > 1, check everything in this process, then start the same command under torchrun (finetune.launch)."""
-    if argv is not None and not cfg.dry_run and not worlds.launched():
-        world_size = launch.processes(cfg.nproc, hardware.detect())
+    if argv is not None and not cfg.dry_run and not worlds.launched() and cfg.nproc != "1":
+        hw = hardware.detect()
+        world_size = launch.processes(cfg.nproc, hw, backends.select(cfg.backend, hw, None, cfg.method)[0].name)
         if world_size > 1:
             with contextlib.redirect_stdout(io.StringIO()):  # the checks only: rank 0 prints the settings and plan
                 checked = run(replace(cfg, dry_run=True), sources)
@@ -151,7 +152,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     method, rows, start, model, fallback, tokenizer, prepared = workload.inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     world = launch.join(backend, hw) if worlds.launched() else worlds.World()
-    world_size = world.size if worlds.launched() else launch.processes(cfg.nproc, hw)
+    world_size = world.size if worlds.launched() else launch.processes(cfg.nproc, hw, backend.name)
     launch.check_backend(backend.name, world_size, worlds.launched())
     if not world.writer:  # rank 0 prints and writes for the run; the others' errors still reach stderr
         sys.stdout = open(os.devnull, "w")

@@ -207,3 +207,17 @@ def test_world_share_any_and_sum_over_two_ranks():
         t.join(10)
     assert seen[0] == seen[1] == ("/runs/é-1", True, False, [3.0, 4.0])
     assert World().share("x") == "x" and World().any(True) and World().writer
+
+
+def test_nproc_auto_is_one_process_per_gpu_for_torch_only():
+    from finetune import launch
+    from finetune.hardware import CudaDevice, Hardware
+
+    gpu = CudaDevice("NVIDIA H200", 141, "9.0", True)
+    hw = Hardware(os="Linux", arch="x86_64", chip="x", ram_total_gb=64, ram_available_gb=60, swap_total_gb=0,
+                  disk_free_gb=100, cpu_cores=16, cuda_devices=[gpu] * 4)
+    cpu = Hardware(os="Linux", arch="x86_64", chip="x", ram_total_gb=64, ram_available_gb=60, swap_total_gb=0,
+                   disk_free_gb=100, cpu_cores=16)
+    assert launch.processes("auto", hw, "torch") == 4 and launch.processes("auto", cpu, "torch") == 1
+    assert launch.processes("auto", hw, "unsloth") == 1  # Unsloth trains on one GPU: auto does not start torchrun
+    assert launch.processes("3", cpu, "torch") == 3
