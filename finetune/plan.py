@@ -101,8 +101,7 @@ CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 EFFICIENCY_GPU = 0.35
 # All_reduce of a step's LoRA gradients: (latency s, bytes/s). gloo between processes on one CPU: bench/distributed.py
 # on the 2-core VM, 2026-12-01: 0.21 ms for one float, 19.5 MB (SmolLM2 r16) at 1.48 GB/s quiet, 0.68 under load;
-# NCCL: NVLink-class
-# bandwidth, unmeasured (issue 24's GPU was a single H200); MLX ring over TCP / Thunderbolt: unmeasured.
+# NCCL: NVLink-class bandwidth, unmeasured (issue 24's GPU was a single H200); MLX ring: unmeasured.
 ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "mlx": (5e-4, 1.0e9)}
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
