@@ -315,28 +315,32 @@ class MLXSession:
         needs_ref = methods.get(batch.method).needs_reference_tokens(self.cfg)
         grads, total, tokens, stats = None, 0.0, 0, {}
         denominator = mx.array(batch.denominator, dtype=mx.float32)
-        for chunk, extra in micro_batches(batch, micro_batch):
-            ids, b_idx, t_idx, targets, weights, n = self._arrays(chunk)
-            per_seq = [mx.array(np.asarray(extra[k], np.float32)) for k in keys]
-            ref_tokens = mx.zeros_like(weights)  # a fixed input of the compiled step, read only when needed
-            if needs_ref:
-                with self.adapter_disabled():
-                    ref_tokens = mx.stop_gradient(self._logps(self.model, ids, b_idx, t_idx, targets))
-            with self._checkpointing():
-                (loss, parts), g = step(ids, b_idx, t_idx, targets, weights, denominator, per_seq, ref_tokens)
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                mx.eval(loss, parts, grads)
-            total += float(loss)
-            for k, v in parts.items():  # sums over the micro-batch / the step: they add up
-                stats[k] = stats.get(k, 0.0) + float(v)
-            tokens += sum(r.length for r in chunk)
+        failed = None
+        try:
+            for chunk, extra in micro_batches(batch, micro_batch):
+                ids, b_idx, t_idx, targets, weights, n = self._arrays(chunk)
+                per_seq = [mx.array(np.asarray(extra[k], np.float32)) for k in keys]
+                ref_tokens = mx.zeros_like(weights)  # a fixed input of the compiled step, read only when needed
+                if needs_ref:
+                    with self.adapter_disabled():
+                        ref_tokens = mx.stop_gradient(self._logps(self.model, ids, b_idx, t_idx, targets))
+                with self._checkpointing():
+                    (loss, parts), g = step(ids, b_idx, t_idx, targets, weights, denominator, per_seq, ref_tokens)
+                    grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+                    mx.eval(loss, parts, grads)
+                total += float(loss)
+                for k, v in parts.items():  # sums over the micro-batch / the step: they add up
+                    stats[k] = stats.get(k, 0.0) + float(v)
+                tokens += sum(r.length for r in chunk)
+        except Exception as err:  # noqa: BLE001 -- re-raised by sum_step, once the other processes know
+            if self.world.size == 1:
+                raise
+            failed = err
         if self.world.size > 1:  # every process trained its share of the step (backends/mlx_dist.py)
-            from backends.mlx_dist import sum_gradients
+            from backends.mlx_dist import sum_step
 
-            grads = sum_gradients(grads, self.model.trainable_parameters())
-            names = sorted(stats)
-            summed = self.world.sum([total, tokens] + [stats[k] for k in names])
-            total, tokens, stats = float(summed[0]), int(summed[1]), dict(zip(names, summed[2:].tolist()))
+            grads, total, tokens, stats = sum_step(self.world, grads, self.model.trainable_parameters(), failed,
+                                                   total, tokens, stats)
         grads, norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
         stats = {**stats, **batch.stats, "loss": total, "tokens": tokens, "grad_norm": float(norm)}
         if not (math.isfinite(total) and math.isfinite(stats["grad_norm"])):

@@ -29,7 +29,7 @@ import numpy as np
 
 from finetune import fsio
 from finetune.hardware import GB
-from finetune.world import World, torchrun_env
+from finetune.world import Lost, World, torchrun_env
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
@@ -273,25 +273,35 @@ class TorchSession:
         stats: dict = {"tokens": 0}
         total = 0.0
         method = methods.get(batch.method)
-        for chunk, extra in micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens):
-            logps, rows = self.trained_logps(chunk)
-            extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
-            ref = None
-            if method.needs_reference_tokens(self.cfg):
-                with torch.no_grad(), self.model.disable_adapter():
-                    ref = self.trained_logps(chunk)[0].detach()
-            loss, parts = method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
-            for k, v in parts.items():  # each part is a sum over the micro-batch / the step: they add up
-                stats[k] = stats.get(k, 0.0) + float(v)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss.detach())
-            stats["tokens"] += sum(r.length for r in chunk)
+        failed = None
+        try:
+            for chunk, extra in micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens):
+                logps, rows = self.trained_logps(chunk)
+                extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
+                ref = None
+                if method.needs_reference_tokens(self.cfg):
+                    with torch.no_grad(), self.model.disable_adapter():
+                        ref = self.trained_logps(chunk)[0].detach()
+                loss, parts = method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
+                for k, v in parts.items():  # each part is a sum over the micro-batch / the step: they add up
+                    stats[k] = stats.get(k, 0.0) + float(v)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                total += float(loss.detach())
+                stats["tokens"] += sum(r.length for r in chunk)
+        except Exception as err:  # noqa: BLE001 -- re-raised below, once the other processes know
+            if self.world.size == 1:
+                raise
+            failed = err
         if self.world.size > 1:  # every process trained its share of the step: sum gradients and loss parts
             from backends.torch_dist import sum_gradients
 
-            keys = sorted(stats)
-            summed = sum_gradients(self.params, [total] + [stats[k] for k in keys])
-            total, stats = summed[0], dict(zip(keys, summed[1:]))
+            flag, total, tokens = sum_gradients(self.params, [float(failed is not None), total, stats.pop("tokens")])
+            if failed is not None:
+                raise failed
+            if flag:  # the others stop too, and rank 0 saves the last whole step (loop.PeerLost)
+                raise Lost("another process failed during this step")
+            keys = sorted(stats)  # the same on every process: each has rows (loop) and the same method
+            stats = {"tokens": tokens, **dict(zip(keys, self.world.sum([stats[k] for k in keys]).tolist()))}
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))

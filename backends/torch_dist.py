@@ -16,7 +16,9 @@ import numpy as np
 
 from finetune.world import Lost, World, torchrun_env
 
-TIMEOUT_MIN = 60  # a collective waits this long (rank 0 evaluating while the others wait); a dead peer fails at once
+# A collective waits this long: rank 0 evaluates (generations included) while the others wait. A dead process is
+# noticed sooner: gloo fails at once, and torchrun stops the others (SIGTERM, then SIGKILL) when one dies.
+TIMEOUT_MIN = 6 * 60
 
 
 def join(device: str) -> World:

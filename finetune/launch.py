@@ -31,9 +31,19 @@ def join(backend, hw):
     return backend.join(hw)
 
 
-def check_backend(backend_name: str, world_size: int, launched: bool) -> None:
-    """NPROC starts torchrun, which only the torch backend joins (MLX across Macs is started with mlx.launch)."""
-    if world_size > 1 and not launched and backend_name != "torch":
+def check_backend(backend, hw, world_size: int, launched: bool) -> None:
+    """NPROC starts torchrun, which only the torch backend joins (MLX across Macs is started with mlx.launch), on CUDA
+    GPUs (one process each) or the CPU (gloo cannot carry MPS tensors)."""
+    if world_size == 1 or backend.name == "mlx" and launched:
+        return
+    device, backend_name = backend.device(hw), backend.name
+    if device == "mps":
+        raise UserError(f"NPROC={world_size}: several processes need CUDA GPUs or the CPU, not MPS; on Macs use "
+                        "BACKEND=mlx with mlx.launch (README, \"More than one device\"), or NPROC=1")
+    if device == "cuda" and world_size > len(hw.cuda_devices):
+        raise UserError(f"NPROC={world_size}: this machine has {len(hw.cuda_devices)} CUDA GPU(s), one per process; "
+                        "lower NPROC (auto: all of them)")
+    if not launched and backend_name != "torch":
         hint = ("across Macs, start it with mlx.launch (README, \"More than one device\")" if backend_name == "mlx"
                 else "use BACKEND=torch")
         raise UserError(f"NPROC={world_size}: several processes are started by torchrun for the torch backend; "

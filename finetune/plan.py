@@ -335,6 +335,9 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     kind, total, budget = memory_budget(hw, device)
     reasons.append(f"memory budget {budget:.1f} GB of {total:.1f} GB {KIND_LABEL[kind]}" + (
         f" (less {CUDA_CONTEXT_GB} GB for the CUDA context, which torch's peak does not count)" if device == "cuda" else ""))
+    if world_size > 1 and device != "cuda":  # processes on one machine's memory each hold a copy of the model
+        budget /= world_size
+        reasons.append(f"memory budget per process {budget:.1f} GB: {world_size} processes share this memory")
 
     attention = "eager" if device == "cpu" and seq <= EAGER_MAX_TOKENS else "sdpa"
     if attention == "sdpa" and backend != "mlx" and not models.supports_sdpa(model.architecture):

@@ -152,8 +152,9 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     method, rows, start, model, fallback, tokenizer, prepared = workload.inspect(cfg, sources)
     backend, why = backends.select(cfg.backend, hw, model, cfg.method)
     world = launch.join(backend, hw) if worlds.launched() else worlds.World()
-    world_size = world.size if worlds.launched() else launch.processes(cfg.nproc, hw, backend.name)
-    launch.check_backend(backend.name, world_size, worlds.launched())
+    # not started by a launcher: one process, unless this is the check run() makes before starting torchrun
+    world_size = world.size if worlds.launched() else launch.processes(cfg.nproc, hw, backend.name) if cfg.dry_run else 1
+    launch.check_backend(backend, hw, world_size, worlds.launched())
     if not world.writer:  # rank 0 prints and writes for the run; the others' errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     if backend.device(hw) == "cpu" and world.writer:  # the time estimate uses this machine's measured matmul rate

@@ -313,7 +313,7 @@ def test_plan_is_a_dataclass_with_the_agreed_fields():
     assert names == ["backend", "device", "method", "batch_size", "grad_accum", "max_seq_length", "max_steps",
                      "eval_steps", "save_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
-                     "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer",
+                     "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer", "world_size",
                      "micro_overhead_tokens"]
 
 
@@ -497,10 +497,13 @@ def test_world_size_keeps_the_effective_batch_and_memory_and_splits_the_time():
     assert any("4 processes (NPROC)" in r for r in four.reasons)
     text = plan.format_plan(four)
     assert "processes" in text and "memory below is per process" in text
-    cpu_hw, _ = MACHINES["cpu-8"]
+    cpu_hw, _ = MACHINES["this-machine"]
     cpu_one = plan.make(Config(), cpu_hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS)
     cpu_two = plan.make(Config(), cpu_hw, MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS, world_size=2)
     assert cpu_two.est_seconds >= cpu_one.est_seconds * 0.95  # the same cores: no speed-up is promised
+    assert math.isclose(cpu_two.budget_gb, cpu_one.budget_gb / 2)  # ... and the same memory, each with a model copy
+    with pytest.raises(UserError, match="does not fit"):  # 8 GB: one process fits, two copies do not
+        plan.make(Config(), MACHINES["cpu-8"][0], MODELS["0.5B"], "torch", "cpu", ROWS, MEAN_TOKENS, world_size=2)
     with pytest.raises(UserError, match="NPROC=8: a step has only 4 rows"):
         plan.make(Config(batch_size=2, grad_accum=2), hw, MODELS["0.5B"], "torch", device, ROWS, MEAN_TOKENS,
                   world_size=8)
