@@ -236,18 +236,24 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
                         world)
 
 
+def _load(cfg, backend, plan, model, tokenizer, start, world):
+    """The backend session: weights (downloaded if needed), the starting adapter converted for this backend."""
+    models.fetch_weights(model)
+    adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
+    try:
+        session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
+    finally:
+        adapters.drop_converted(start, adapter_dir)
+    session.world = world
+    return session
+
+
 def _follow(cfg, world, run_dir, backend, plan, model, tokenizer, method, prepared, start, resumed: bool) -> int:
     """Rank > 0 of a distributed run: train this process's share of every step. Rank 0 evaluates and writes
     everything; this process writes nothing, and reads the checkpoint rank 0 resumes from."""
     try:
         with loop.StopRequest() as stop:
-            models.fetch_weights(model)
-            adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
-            try:
-                session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
-            finally:
-                adapters.drop_converted(start, adapter_dir)
-            session.world = world
+            session = _load(cfg, backend, plan, model, tokenizer, start, world)
             method.start(session, prepared, cfg)
             world.barrier()  # rank 0 has evaluated the starting model (or cleaned a resumed run's checkpoints)
             found = checkpoint.latest(run_dir) if resumed else None
@@ -271,13 +277,7 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
     try:
         with loop.StopRequest() as stop:
             print(f"Run directory: {run_dir}")
-            models.fetch_weights(model)
-            adapter_dir = adapters.for_backend(start, backend.name, model.ref) if start else None
-            try:
-                session = backend.load(cfg, plan, model, tokenizer, adapter_dir)
-            finally:
-                adapters.drop_converted(start, adapter_dir)
-            session.world = world
+            session = _load(cfg, backend, plan, model, tokenizer, start, world)
             stop.check(0)
             method.start(session, prepared, cfg)  # before any update: DPO's reference is the starting model
             state = loop.LoopState(micro_batch=plan.batch_size, grad_accum=plan.grad_accum)
