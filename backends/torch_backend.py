@@ -98,7 +98,8 @@ def model_load_kwargs(plan) -> dict:
     if plan.device == "cuda" or plan.quantize == "4bit":
         # Straight onto the device, shard by shard: a 16-bit model never passes through host RAM whole on CUDA,
         # and bitsandbytes places the quantized weights itself (on the CPU too, when 4-bit is asked for there).
-        kwargs["device_map"] = {"": torch.cuda.current_device() if plan.device == "cuda" else plan.device}
+        # (one GPU per process: torchrun's LOCAL_RANK, the device torch_dist.join selected; 0 alone)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if plan.device == "cuda" else plan.device}
     if plan.quantize == "4bit":
         from transformers import BitsAndBytesConfig
 

@@ -122,9 +122,14 @@ def test_qlora_4bit_trains_on_cuda(run_env, tmp_path):
     assert (tmp_path / "q" / "adapter_model.safetensors").exists()
 
 
-def test_16bit_cuda_loads_straight_onto_the_gpu():
-    """device_map puts each shard on the GPU as it loads: a 16-bit model never sits whole in host RAM first."""
+def test_16bit_cuda_loads_straight_onto_the_gpu(monkeypatch):
+    """device_map puts each shard on the GPU as it loads: a 16-bit model never sits whole in host RAM first; under
+    torchrun, on this process's own GPU."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert model_load_kwargs(plan(device="cuda", dtype="bf16"))["device_map"] == {"": 0}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert model_load_kwargs(plan(device="cuda", dtype="bf16"))["device_map"] == {"": 3}
+    monkeypatch.delenv("LOCAL_RANK")
     assert model_load_kwargs(plan(device="cpu", dtype="fp32", quantize="4bit"))["device_map"] == {"": "cpu"}
 
 
