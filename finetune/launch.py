@@ -1,5 +1,6 @@
 """Several processes on this machine: NPROC > 1 (or auto with several CUDA GPUs) re-runs the same command under
-torchrun, `python -m torch.distributed.run --standalone --nproc-per-node N -m finetune <args>`.
+torchrun: `python -m finetune.launch --standalone --nproc-per-node N -m finetune -- <args>`, which is
+torch.distributed.run's own argument parser and agent (see main() below).
 
 Why torchrun and not `accelerate launch`: it ships with torch (no extra package or accelerate config file), and it
 is all the run needs from a launcher: each process gets RANK / WORLD_SIZE / MASTER_ADDR, and when one dies the
@@ -13,6 +14,7 @@ import sys
 
 from finetune.errors import UserError
 from finetune.loop import STOP_GRACE_S
+from finetune.world import torchrun_env
 
 
 def processes(nproc: str, hw, backend_name: str) -> int:
@@ -40,8 +42,9 @@ def check_backend(backend, hw, world_size: int, launched: bool) -> None:
     if device == "mps":
         raise UserError(f"NPROC={world_size}: several processes need CUDA GPUs or the CPU, not MPS; on Macs use "
                         "BACKEND=mlx with mlx.launch (README, \"More than one device\"), or NPROC=1")
-    if device == "cuda" and world_size > len(hw.cuda_devices):
-        raise UserError(f"NPROC={world_size}: this machine has {len(hw.cuda_devices)} CUDA GPU(s), one per process; "
+    here = torchrun_env()[2] if launched else world_size  # processes on this machine (torchrun may span several)
+    if device == "cuda" and here > len(hw.cuda_devices):
+        raise UserError(f"NPROC={here}: this machine has {len(hw.cuda_devices)} CUDA GPU(s), one per process; "
                         "lower NPROC (auto: all of them)")
     if not launched and backend_name != "torch":
         hint = ("across Macs, start it with mlx.launch (README, \"More than one device\")" if backend_name == "mlx"
