@@ -46,10 +46,6 @@ def sum_step(world: World, grads, params, failed, total: float, tokens: int, sta
     """A step's gradients and loss parts summed over the processes. A process whose share failed (`failed`) still
     joins the sums, then re-raises; the others then raise Lost, so every process stops after the same step."""
     grads = sum_gradients(grads, params)
-    flag, total, tokens = world.sum([float(failed is not None), total, tokens])
-    if failed is not None:
-        raise failed
-    if flag:
-        raise Lost("another process failed during this step")
-    names = sorted(stats)  # the same on every process: each has rows (loop) and the same method
-    return grads, float(total), int(tokens), dict(zip(names, world.sum([stats[k] for k in names]).tolist()))
+    failures, total, tokens = world.sum([float(failed is not None), total, tokens])
+    world.settle_step(failed, failures)
+    return grads, float(total), int(tokens), world.sum_parts(stats)

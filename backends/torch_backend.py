@@ -29,7 +29,7 @@ import numpy as np
 
 from finetune import fsio
 from finetune.hardware import GB
-from finetune.world import Lost, World, torchrun_env
+from finetune.world import World, torchrun_env
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
@@ -296,13 +296,9 @@ class TorchSession:
         if self.world.size > 1:  # every process trained its share of the step: sum gradients and loss parts
             from backends.torch_dist import sum_gradients
 
-            flag, total, tokens = sum_gradients(self.params, [float(failed is not None), total, stats.pop("tokens")])
-            if failed is not None:
-                raise failed
-            if flag:  # the others stop too, and rank 0 saves the last whole step (loop.PeerLost)
-                raise Lost("another process failed during this step")
-            keys = sorted(stats)  # the same on every process: each has rows (loop) and the same method
-            stats = {"tokens": tokens, **dict(zip(keys, self.world.sum([stats[k] for k in keys]).tolist()))}
+            failures, total, tokens = sum_gradients(self.params, [float(failed is not None), total, stats.pop("tokens")])
+            self.world.settle_step(failed, failures)  # rank 0 then saves the last whole step (loop.PeerLost)
+            stats = {"tokens": tokens, **self.world.sum_parts(stats)}
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))

@@ -200,9 +200,9 @@ def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopS
         started = time.perf_counter()
         try:
             batch = method.make_batch(session, [items[i] for i in indices], cfg, rng)
-            if len(batch.sequences) // batch.group < world.size:  # the same batch everywhere: all stop here
-                raise UserError(f"NPROC={world.size}: step {state.step + 1} has only {len(batch.sequences) // batch.group} "
-                                "items to share (GRPO: completions); lower NPROC or raise BATCH_SIZE x GRAD_ACCUM")
+            if batch.n_items < world.size:  # the same batch everywhere: all stop here
+                raise UserError(f"NPROC={world.size}: step {state.step + 1} has only {batch.n_items} items to share "
+                                "(GRPO: completions); lower NPROC or raise BATCH_SIZE x GRAD_ACCUM")
             stats = session.train_step(methods.shard(batch, world.rank, world.size), state.micro_batch, lr)
         except Exception as err:  # noqa: BLE001 -- only out-of-memory is handled, anything else re-raised
             if not session.is_oom(err) or isinstance(err, Lost):

@@ -141,6 +141,11 @@ class Plan:
     #                                             a step into more micro-batches than batch size asks; see
     #                                             methods.micro_batches)
 
+    @property
+    def accum_per_process(self) -> int:
+        """Micro-batches each process runs per step: the step's GRAD_ACCUM shared by the processes."""
+        return math.ceil(self.grad_accum / self.world_size)
+
     def to_dict(self) -> dict:
         # Rounded for run.json / printing; the planner compares the unrounded values.
         def rnd(v):
@@ -491,7 +496,7 @@ def format_plan(plan: Plan) -> str:
         ("batch x grad accum", f"{plan.batch_size} x {plan.grad_accum} = "
                                f"{plan.batch_size * plan.grad_accum} effective"),
         *([("processes", f"{plan.world_size} (each: batch {plan.batch_size} x "
-                         f"{math.ceil(plan.grad_accum / plan.world_size)} of every step; memory below is per process)")]
+                         f"{plan.accum_per_process} of every step; memory below is per process)")]
           if plan.world_size > 1 else []),
         ("max seq length", str(plan.max_seq_length)),
         ("steps", f"{plan.max_steps} (eval every {plan.eval_steps}, checkpoint every {plan.save_steps})"),

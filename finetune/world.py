@@ -48,6 +48,20 @@ class World:
     def barrier(self) -> None:
         self.sum([0.0])
 
+    def settle_step(self, failed: BaseException | None, failures: float) -> None:
+        """After a step's sums (which carried `failures`, the count of processes whose share failed): the process that
+        failed re-raises its error, the others raise Lost, so every process stops after the same step."""
+        if failed is not None:
+            raise failed
+        if failures:
+            raise Lost("another process failed during this step")
+
+    def sum_parts(self, stats: dict[str, float]) -> dict[str, float]:
+        """A step's loss parts summed over the processes (the same keys on each: every process has rows of the step,
+        loop.py checks it, and runs the same method)."""
+        names = sorted(stats)
+        return dict(zip(names, self.sum([stats[k] for k in names]).tolist()))
+
     def share(self, text: str) -> str:
         """Rank 0's text on every process (the run directory, the plan), over the same sum: the others add zeros."""
         if self.size == 1:

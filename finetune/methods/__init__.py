@@ -58,6 +58,21 @@ class Batch:
     group: int = 1                   # sequences that must stay in one micro-batch (DPO: a pair = 2)
     stats: dict[str, float] = field(default_factory=dict)        # logged with the step (GRPO rewards)
 
+    @property
+    def n_items(self) -> int:
+        return len(self.sequences) // self.group
+
+    def longest_first(self) -> tuple[list[int], list[int]]:
+        """Item indices, longest first, and each item's length (a DPO pair: its longer sequence)."""
+        g = self.group
+        lengths = [max(self.sequences[i * g + k].length for k in range(g)) for i in range(self.n_items)]
+        return sorted(range(self.n_items), key=lambda i: -lengths[i]), lengths
+
+    def take(self, items: list[int]) -> tuple[list, dict[str, list]]:
+        """The sequences of these items (in this order) and their per-sequence values."""
+        seqs = [i * self.group + k for i in items for k in range(self.group)]
+        return [self.sequences[s] for s in seqs], {key: [v[s] for s in seqs] for key, v in self.per_sequence.items()}
+
 
 @dataclass
 class EvalResult:
@@ -76,13 +91,9 @@ def micro_batches(batch: Batch, size: int, overhead_tokens: float | None = None)
     further than `size`, as on MLX): each micro-batch has at
     most `size` items no longer than the fixed split's longest, so memory never exceeds the plan, and the step's
     summed loss is the same however it is cut. Both backends split a step the same way."""
-    group = batch.group
-    n_items = len(batch.sequences) // group
-    lengths = [max(batch.sequences[i * group + k].length for k in range(group)) for i in range(n_items)]
-    order = sorted(range(n_items), key=lambda i: -lengths[i])
+    order, lengths = batch.longest_first()
     for start, stop in split_points([lengths[i] for i in order], size, overhead_tokens):
-        seqs = [i * group + k for i in order[start:stop] for k in range(group)]
-        yield [batch.sequences[s] for s in seqs], {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}
+        yield batch.take(order[start:stop])
 
 
 def split_points(lengths: list[int], size: int, overhead_tokens: float | None) -> list[tuple[int, int]]:
@@ -110,10 +121,5 @@ def shard(batch: Batch, rank: int, size: int) -> Batch:
     step's: the processes' summed losses and gradients are then the single-process step's exactly."""
     if size == 1:
         return batch
-    group = batch.group
-    n_items = len(batch.sequences) // group
-    lengths = [max(batch.sequences[i * group + k].length for k in range(group)) for i in range(n_items)]
-    mine = sorted(range(n_items), key=lambda i: -lengths[i])[rank::size]
-    seqs = [i * group + k for i in sorted(mine) for k in range(group)]
-    return Batch(batch.method, [batch.sequences[s] for s in seqs], batch.denominator,
-                 {key: [v[s] for s in seqs] for key, v in batch.per_sequence.items()}, group, batch.stats)
+    sequences, per_sequence = batch.take(sorted(batch.longest_first()[0][rank::size]))
+    return Batch(batch.method, sequences, batch.denominator, per_sequence, batch.group, batch.stats)
