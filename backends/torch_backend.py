@@ -30,6 +30,7 @@ import numpy as np
 from finetune import fsio
 from finetune.hardware import GB
 from finetune.world import World, torchrun_env
+from backends.torch_build import build_peft_model, compute_dtype, make_optimizer, repage_optimizer_state
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
@@ -83,97 +84,6 @@ def process_peak_gb() -> float:
         return peak * (1 if sys.platform == "darwin" else 1024) / GB  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
-def compute_dtype(plan):
-    torch = _torch()
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype]
-
-
-def model_load_kwargs(plan) -> dict:
-    """from_pretrained kwargs: frozen weights in fp32 on the CPU (autocast does the bf16 math; the residual
-    stream stays fp32), in the compute dtype on GPUs, and NF4 4-bit (QLoRA) on CUDA when planned."""
-    torch = _torch()
-    dtype = compute_dtype(plan)
-    kwargs = {"dtype": torch.float32 if plan.device == "cpu" else dtype,
-              "attn_implementation": getattr(plan, "attention", "sdpa")}
-    if plan.device == "cuda" or plan.quantize == "4bit":
-        # Straight onto the device, shard by shard: a 16-bit model never passes through host RAM whole on CUDA,
-        # and bitsandbytes places the quantized weights itself (on the CPU too, when 4-bit is asked for there).
-        # (one GPU per process: torchrun's LOCAL_RANK, the device torch_dist.join selected; 0 alone)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if plan.device == "cuda" else plan.device}
-    if plan.quantize == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    return kwargs
-
-
-def lora_kwargs(cfg) -> dict:
-    return {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-            "use_dora": cfg.lora_type == "dora", "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-
-
-def optimizer_kwargs(plan) -> dict:
-    """Fused AdamW where PyTorch has it (CUDA, and CPU since 2.4), else the foreach kernels."""
-    return {"fused": True} if plan.device in ("cuda", "cpu") else {"foreach": True}
-
-
-def build_peft_model(cfg, plan, model, adapter: str | None):
-    """The base model with LoRA/DoRA attached (or ADAPTER loaded, trainable), as this backend trains it."""
-    torch = _torch()
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in the run's log
-    kwargs = model_load_kwargs(plan)
-    base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
-    if "device_map" not in kwargs:
-        base.to(plan.device)
-    if plan.quantize == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=plan.gradient_checkpointing)
-    if adapter:  # continue training an existing adapter (its own rank/alpha/targets)
-        peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-    else:
-        peft_model = get_peft_model(base, LoraConfig(**lora_kwargs(cfg)))
-    if plan.device == "cpu" and compute_dtype(plan) == torch.bfloat16 and cfg.lora_type == "lora" \
-            and plan.quantize != "4bit":  # (4-bit layers are nn.Linear subclasses whose weight must stay packed)
-        cast_frozen_linears(peft_model, torch.bfloat16)
-    if plan.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    return peft_model
-
-
-def make_optimizer(params, cfg, plan):
-    """AdamW on the LoRA parameters; bitsandbytes' paged 8-bit AdamW when the planner says memory is tight."""
-    torch = _torch()
-    if getattr(plan, "optimizer", "adamw") == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.learning_rate, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, **optimizer_kwargs(plan))
-
-
-def repage_optimizer_state(optimizer) -> int:
-    """bitsandbytes' load_state_dict brings a paged optimizer's state back as ordinary device tensors, so a resumed
-    run would hold in VRAM what the planner chose to page. Re-allocate each parameter-sized state tensor through the
-    optimizer's own paged buffer and copy it in; returns how many were moved."""
-    if not getattr(optimizer, "is_paged", False):
-        return 0
-    moved = 0
-    for param, values in optimizer.state.items():
-        for key, value in list(values.items()):
-            if getattr(value, "shape", None) == param.shape and not getattr(value, "is_paged", False):
-                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
-                buffer.copy_(value)
-                values[key] = buffer
-                moved += 1
-    return moved
-
-
 class TorchSession:
     """A loaded model for training, evaluation and generation. `builder` makes the PEFT model (the Unsloth
     backend passes its own); everything after that is this one path. `modes`: (to training, to inference) callables
@@ -189,6 +99,11 @@ class TorchSession:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // torchrun_env()[2]))
         torch.manual_seed(cfg.seed)
         self.model = builder(cfg, plan, model, adapter)
+        self.sharded = getattr(plan, "fsdp", False)  # FSDP: every process runs the same forwards (torch_dist.shard)
+        if self.sharded:  # the process group exists: train joined it before loading
+            from backends.torch_dist import shard
+
+            shard(self.model)
         self.modes, self.generating = modes, False
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
@@ -221,6 +136,13 @@ class TorchSession:
         on = self.dtype != torch.float32
         return torch.autocast(self.device if self.device != "mps" else "mps", dtype=self.dtype, enabled=on)
 
+    def _gathering(self):
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from backends.torch_dist import as_lost
+
+        return as_lost()
+
     def _tensors(self, rows):
         torch = _torch()
         ids, labels, mask = pad_batch(rows, self.pad_id)
@@ -252,7 +174,7 @@ class TorchSession:
         self.model.eval()
         out = []
         ctx = contextlib.nullcontext() if adapter else self.model.disable_adapter()
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), ctx, self._gathering():
             for i in range(0, len(rows), self.plan.batch_size):
                 chunk = rows[i:i + self.plan.batch_size]
                 logps, idx = self.trained_logps(chunk)
@@ -275,8 +197,12 @@ class TorchSession:
         total = 0.0
         method = methods.get(batch.method)
         failed = None
+        chunks = list(micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens))
+        real = len(chunks)
+        if self.sharded:  # each pass gathers weights from every process: all run as many
+            chunks += chunks[-1:] * (self.world.most(real) - real)  # (a repeat of the shortest, its loss x 0)
         try:
-            for chunk, extra in micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens):
+            for i, (chunk, extra) in enumerate(chunks):
                 logps, rows = self.trained_logps(chunk)
                 extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
                 ref = None
@@ -284,6 +210,9 @@ class TorchSession:
                     with torch.no_grad(), self.model.disable_adapter():
                         ref = self.trained_logps(chunk)[0].detach()
                 loss, parts = method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
+                if i >= real:
+                    (loss * 0.0).backward()
+                    continue
                 for k, v in parts.items():  # each part is a sum over the micro-batch / the step: they add up
                     stats[k] = stats.get(k, 0.0) + float(v)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -292,6 +221,10 @@ class TorchSession:
         except Exception as err:  # noqa: BLE001 -- re-raised below, once the other processes know
             if self.world.size == 1:
                 raise
+            if self.sharded:  # the others wait inside a gather, not in the step's sum: leave now, they see it fail
+                from backends.torch_dist import lost_in
+
+                raise lost_in(err) or err
             failed = err
         if self.world.size > 1:  # every process trained its share of the step: sum gradients and loss parts
             from backends.torch_dist import sum_gradients
@@ -334,7 +267,7 @@ class TorchSession:
         sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = []
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self._gathering():
             for i in range(0, len(prompts), size):
                 chunk = prompts[i:i + size]
                 width = max(len(p) for p in chunk)
@@ -344,7 +277,9 @@ class TorchSession:
                     ids[j, width - len(p):], mask[j, width - len(p):] = torch.tensor(p), 1
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           max_new_tokens=max_new_tokens, num_return_sequences=num_return,
-                                          pad_token_id=self.pad_id, eos_token_id=eos, **sample)
+                                          pad_token_id=self.pad_id, eos_token_id=eos, **sample,
+                                          # FSDP: a process whose rows ended early keeps stepping with the others
+                                          synced_gpus=self.sharded)
                 for row in gen[:, width:].tolist():
                     out.append(row[: row.index(eos) + 1] if eos in row else row)
         return out
@@ -459,6 +394,10 @@ class TorchSession:
                "attention": self.base.config._attn_implementation,
                # PEFT's all-linear; on MoE types it also wraps transformers 5's fused 3-D expert weights ("experts")
                "lora_targets": self.lora_targets}
+        if self.sharded:
+            from backends.torch_dist import held_share
+
+            out["fsdp_weights_held"] = round(held_share(self.model), 4)  # of the decoder's, on rank 0
         if self.device == "cuda":  # what the caching allocator held at most; with the context, what nvidia-smi shows
             out["peak_reserved_gb"] = round(_torch().cuda.max_memory_reserved() / GB, 3)
             out["cuda_runtime_gb"] = round(self._cuda_runtime_gb, 3)
@@ -489,12 +428,3 @@ class TorchSession:
             torch.cuda.empty_cache()
         elif self.device == "mps":
             torch.mps.empty_cache()
-
-
-def cast_frozen_linears(model, dtype) -> None:
-    """Store the frozen weight of every LoRA-wrapped linear layer in `dtype`; autocast then uses it as is."""
-    torch = _torch()
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, torch.nn.Linear):
-            base.to(dtype)

@@ -8,6 +8,7 @@ step (what DDP does per bucket) costs little and keeps the fast step as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -47,8 +48,33 @@ def _all_reduce(tensor) -> None:
     try:
         dist.all_reduce(tensor)
     except RuntimeError as err:  # gloo: "Connection closed by peer"; NCCL: DistBackendError (a RuntimeError)
-        text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0])  # gloo's source-file prefix
-        raise Lost(text.split(". ")[0][:160]) from None
+        raise _lost(err) from None
+
+
+def _lost(err: BaseException) -> Lost:
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0])  # gloo's source-file prefix
+    return Lost(text.split(". ")[0][:160])
+
+
+@contextlib.contextmanager
+def as_lost():
+    """Around FSDP's forwards: a gather that failed because a process is gone raises Lost, as the step's sum does."""
+    try:
+        yield
+    except Exception as err:
+        lost = lost_in(err)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def lost_in(err: BaseException) -> Lost | None:
+    """A failure inside FSDP's weight gathering that means another process is gone, as Lost (else None)."""
+    import torch.distributed as dist
+
+    gone = isinstance(err, (dist.DistError,)) or (isinstance(err, RuntimeError) and re.search(
+        r"Connection (closed|reset)|[Bb]roken pipe|ProcessGroup|NCCL", str(err)))
+    return _lost(err) if gone else None
 
 
 def sum_gradients(params, values: list[float]) -> list[float]:
@@ -66,6 +92,39 @@ def sum_gradients(params, values: list[float]) -> list[float]:
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
     return flat[offset:].tolist()
+
+
+def shard(peft_model) -> None:
+    """FSDP (torch's fully_shard, FSDP2) over the run's processes: every decoder layer, then the decoder itself, keep
+    1/N of their frozen weights and gather them for their own forward and backward. The LoRA parameters are left out
+    (`ignored_params`): they stay whole and equal on every process, so sum_gradients, the optimizer, checkpoints
+    and the saved adapter are the data-parallel ones, unchanged. lm_head stays whole outside the decoder: the fast
+    step calls it after the decoder (a tied one keeps its own copy, as it is frozen).
+
+    The decoder, not the whole model, is the root unit because the fast step calls the decoder and lm_head apart.
+    Every process must then run the same forwards and backwards in the same order (TorchSession.train_step and the
+    evaluation see to it): each one gathers from all of them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = peft_model.get_base_model().get_decoder()
+    kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    lora = {p for p in peft_model.parameters() if p.requires_grad}
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=lora)
+    # reshard_after_forward for the root too (FSDP keeps a root gathered by default): rank 0 alone saves the adapter,
+    # and state_dict() reshards a gathered unit, after which its next forward would gather where the others' do not
+    fully_shard(decoder, mesh=mesh, ignored_params=lora, reshard_after_forward=True)
+
+
+def held_share(model) -> float:
+    """The share of the sharded weights this process holds (1/N each, when the shards are even)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    return sum(p.to_local().numel() for p in sharded) / max(1, sum(p.numel() for p in sharded))
 
 
 def leave() -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from backends.torch_backend import TorchSession, compute_dtype
+from backends.torch_backend import TorchSession
+from backends.torch_build import compute_dtype
 from finetune.errors import first_line
 
 # Model types Unsloth's FastLanguageModel patches (its README's list, families this project's template serves).

@@ -4,7 +4,9 @@
      latency and bytes/s, the planner's ALLREDUCE["cpu"] constants;
   2. the offline SmolLM2-135M-Instruct on the shipped sample, NPROC=1 vs NPROC=2, same seed, steps and effective
      batch: training seconds, tokens/s, the planner's estimate, and the held-out eval loss before -> after
-     (the two must agree: the same sum, another order of float additions).
+     (the two must agree: the same sum, another order of float additions);
+  3. the same run with FSDP=on (each process holds half of the base weights and gathers them layer by layer):
+     what the gathering costs, the weights each process held, and the same eval loss.
 On one CPU the two processes share its cores, so the second process brings no compute: the point here is that the
 numbers agree and what the communication costs; the speed-up needs one device per process (GPUs, Macs).
 
@@ -29,7 +31,7 @@ def allreduce_worker() -> None:
     import torch.distributed as dist
 
     from finetune import models
-    from finetune.plan import _lora_params
+    from finetune.plan import _linear_params, _lora_params
 
     dist.init_process_group("gloo")
     info, _ = models.resolve("smollm2-135m-offline", user_named_it=True)
@@ -45,22 +47,34 @@ def allreduce_worker() -> None:
             dist.all_reduce(t)
             times.append(time.perf_counter() - start)
         out[label] = (float(np.median(times)), size * 4)
+    layer = _linear_params(info) // info.num_layers  # FSDP: one decoder layer's fp32 weights, gathered from 2 halves
+    shard, whole = torch.zeros(layer // 2), torch.zeros(layer // 2 * 2)
+    times = []
+    for i in range(23):
+        start = time.perf_counter()
+        dist.all_gather_into_tensor(whole, shard)
+        times.append(time.perf_counter() - start)
+    out[f"all_gather, one layer's weights ({layer * 4 / 1e6:.1f} MB)"] = (float(np.median(times[3:])), layer * 4 / 2)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
     dist.destroy_process_group()
 
 
-def train(nproc: int, out: str) -> dict:
+def train(nproc: int, out: str, fsdp: str = "off") -> dict:
     env = {**os.environ, "MODEL": "smollm2-135m-offline", "MAX_STEPS": "8", "BATCH_SIZE": "4", "GRAD_ACCUM": "2",
            "MAX_SEQ_LENGTH": "256", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "16", "LEARNING_RATE": "0.001",
-           "OUTPUT_DIR": out, "NPROC": str(nproc), "BACKEND": "torch", "HF_HUB_OFFLINE": "1"}
+           "OUTPUT_DIR": out, "NPROC": str(nproc), "BACKEND": "torch", "HF_HUB_OFFLINE": "1", "FSDP": fsdp,
+           # glibc keeps freed large blocks (FSDP's gathered layers) in its heap, so a process's peak RSS would be
+           # the heap's high-water mark; served by mmap, a freed tensor leaves at once and the peak is the tensors'
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-m", "finetune", "train"], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
     with open(os.path.join(out, "run.json"), encoding="utf-8") as fh:
         run = json.load(fh)
     r = run["result"]
-    return {"nproc": nproc, "seconds": r["train_seconds"], "tokens_per_s": r["tokens_per_s"],
+    return {"nproc": nproc, "fsdp": run["plan"]["fsdp"], "held": r["extra"].get("fsdp_weights_held", 1.0),
+            "peak": r["peak_memory_gb"], "seconds": r["train_seconds"], "tokens_per_s": r["tokens_per_s"],
             "predicted": r["predicted_seconds"], "before": run["evaluation"]["before"]["eval_loss"],
             "after": run["evaluation"]["after"]["eval_loss"]}
 
@@ -74,19 +88,23 @@ def main() -> None:
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
-    print("| all_reduce, 2 processes, gloo | median | rate |\n|---|---:|---:|")
+    print("| collective, 2 processes, gloo | median | rate (bytes received) |\n|---|---:|---:|")
     for label, (seconds, nbytes) in json.loads(line[7:]).items():
-        print(f"| {label} | {seconds * 1e3:.2f} ms | {nbytes / seconds / 1e9:.2f} GB/s |")
+        rate = f"{nbytes / seconds / 1e9:.2f} GB/s" if nbytes > 4 else "-"
+        print(f"| {label} | {seconds * 1e3:.2f} ms | {rate} |")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            rows.append(train(n, os.path.join(tmp, f"nproc{n}")))
-    print("\n| NPROC | train s | tokens/s | planner's estimate s | eval loss before -> after |\n|---:|---:|---:|---:|---|")
+        for n, fsdp in ((1, "off"), (2, "off"), (2, "on")):
+            rows.append(train(n, os.path.join(tmp, f"nproc{n}-{fsdp}"), fsdp))
+    print("\n| NPROC | FSDP | decoder weights held | peak GB (rank 0) | train s | tokens/s | planner's estimate s "
+          "| eval loss before -> after |\n|---:|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['nproc']} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {r['predicted']:.1f} | "
-              f"{r['before']:.4f} -> {r['after']:.4f} |")
-    a, b = rows[0]["after"], rows[1]["after"]
-    print(f"\neval loss after: 2 processes vs 1 differ by {abs(a - b) / a:.2e} (relative)")
+        print(f"| {r['nproc']} | {'on' if r['fsdp'] else 'off'} | {r['held']:.0%} | {r['peak']:.2f} | {r['seconds']:.1f} "
+              f"| {r['tokens_per_s']:,.0f} | {r['predicted']:.1f} | {r['before']:.4f} -> {r['after']:.4f} |")
+    for r in rows[1:]:
+        a, b = rows[0]["after"], r["after"]
+        print(f"eval loss after: 2 processes{' (FSDP)' if r['fsdp'] else ''} vs 1 differ by {abs(a - b) / a:.2e} "
+              "(relative)")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class Config:
     backend: str = field(default="auto", metadata=_opt("auto, or a registered backend name (see `finetune doctor`)"))
     nproc: str = field(default="auto", metadata=_opt(
         "processes to train with on this machine, started by torchrun (auto: one per visible CUDA GPU, else 1)"))
+    fsdp: str = field(default="auto", metadata=_opt(
+        "shard the frozen base weights over the processes (torch FSDP); auto: only when a whole copy does not fit "
+        "one device", choices=("auto", "on", "off")))
     output_dir: str | None = field(default=None, metadata=_opt("run directory (default outputs/<run-name>)"))
     run_name: str | None = field(default=None, metadata=_opt("name of the run (default: time + model)"))
     batch_size: int | None = field(default=None, metadata=_opt("per-device batch size (auto: planner)", lo=1))

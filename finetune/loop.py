@@ -97,10 +97,14 @@ class StopRequest:
         self._timer.daemon = True
         self._timer.start()
 
-    def check(self, step: int) -> None:
-        """Between phases (after loading, after the first evaluation): stop now if asked to."""
-        if self.signum is not None:
-            raise Stopped(self.signum, step)
+    def check(self, step: int, world: World | None = None) -> None:
+        """Between phases (after loading, after the first evaluation): stop now if asked to. With `world`, every
+        process stops when one was asked to (they are about to run the evaluation's sharded forwards together)."""
+        asked = self.signum is not None
+        if world is not None:
+            asked = world.any(asked)
+        if asked:
+            raise Stopped(self.signum or signal.SIGTERM, step)
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,7 +241,8 @@ def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopS
             window.clear()
         progress({"event": "step", "step": state.step, "tokens": state.tokens_seen,
                   "memory_gb": session.peak_memory_gb(), "seconds": state.train_seconds})
-        if world.writer and (state.step % plan.eval_steps == 0 or state.step == plan.max_steps):
+        # FSDP: rank 0's forwards gather weights from every process, so all of them evaluate (the others discard it)
+        if (world.writer or plan.fsdp) and (state.step % plan.eval_steps == 0 or state.step == plan.max_steps):
             found = method.periodic_eval(session, prepared, cfg)
             if found:
                 record = {"step": state.step, "tokens": state.tokens_seen, **found}

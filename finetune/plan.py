@@ -103,6 +103,9 @@ EFFICIENCY_GPU = 0.35
 # on the 2-core VM, 2026-12-01: 0.21 ms for one float, 19.5 MB (SmolLM2 r16) at 1.48 GB/s quiet, 0.68 under load;
 # NCCL: NVLink-class bandwidth, unmeasured (issue 24's GPU was a single H200); MLX ring: unmeasured.
 ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "mlx": (5e-4, 1.0e9)}
+# FSDP's weight gathers (all_gather, bytes received): gloo on the same VM, one SmolLM2 layer (14.2 MB) from two
+# halves in 9.7 ms = 0.73 GB/s; NCCL as above, unmeasured.
+ALLGATHER = {"cpu": (2e-4, 0.7e9), "cuda": (5e-5, 50e9)}
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
 DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
@@ -137,6 +140,7 @@ class Plan:
     attention: str = "sdpa"       # torch: "eager" for short rows on the CPU (faster there), else "sdpa"
     optimizer: str = "adamw"      # "paged_adamw_8bit" (bitsandbytes) on CUDA when memory is tight
     world_size: int = 1           # processes training together (NPROC); each takes its share of every step
+    fsdp: bool = False            # the frozen base weights sharded over those processes (torch FSDP, FSDP=auto|on|off)
     micro_overhead_tokens: float | None = None  # fixed cost of a micro-batch in tokens of compute (None: never cut
     #                                             a step into more micro-batches than batch size asks; see
     #                                             methods.micro_batches)
@@ -178,9 +182,18 @@ def allreduce_seconds(model: ModelInfo, lora_r: int, world_size: int, device: st
     return 2 * latency + moved / rate
 
 
+def allgather_seconds(model: ModelInfo, dtype: str, world_size: int, device: str) -> float:
+    """FSDP, per micro-batch: every decoder layer's frozen weights gathered from the other processes' shards, once
+    for the forward and once again for the backward (they are freed in between)."""
+    latency, rate = ALLGATHER[device if device in ALLGATHER else "cpu"]
+    moved = (world_size - 1) / world_size * _linear_params(model) * (4 if device == "cpu" else DTYPE_BYTES[dtype])
+    return 2 * (model.num_layers * latency + moved / rate)
+
+
 def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dtype: str, quantize: str,
-                    lora_r: int, device: str, trained_share: float = 0.3, attention: str = "sdpa") -> dict[str, float]:
-    """Predicted training peak in GB per component, plus "total"."""
+                    lora_r: int, device: str, trained_share: float = 0.3, attention: str = "sdpa",
+                    shards: int = 1) -> dict[str, float]:
+    """Predicted training peak in GB per component, plus "total". `shards` > 1: FSDP over that many processes."""
     h, inter, layers = model.hidden_size, model.intermediate_size, model.num_layers
     kv = model.num_kv_heads * model.head_dim
     nbytes = DTYPE_BYTES[dtype]
@@ -189,9 +202,15 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
     if quantize == "4bit":  # prepare_model_for_kbit_training upcasts what is not quantized to fp32
         weights = linear * NF4_BYTES + rest * 4
     elif device == "cpu":  # loaded in fp32; in bf16 runs the linear weights get bf16 copies (the peak keeps both)
-        weights = model.num_params * 4 + (linear * 2 if dtype == "bf16" else 0)
+        weights = model.num_params * 4 + (linear * 2 if dtype == "bf16" and shards == 1 else 0)
     else:
         weights = model.num_params * nbytes
+    if shards > 1:  # FSDP (backends/torch_dist.shard): each process keeps 1/N of the decoder layers' weights and
+        # gathers them a layer at a time (two at once with prefetch); embeddings and norms are gathered for the whole
+        # step (the root unit), and lm_head stays whole beside them (a tied one keeps its own copy)
+        outer = rest * (4 if device == "cpu" else nbytes)
+        layers_w = weights - outer
+        weights = layers_w / shards + 2 * layers_w / layers + 2 * outer
     lora_params = _lora_params(model, lora_r)
     tokens = batch * seq
     elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
@@ -350,13 +369,15 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         reasons.append(f"attention eager: {model.architecture} does not support sdpa in transformers "
                        "(eager keeps heads x seq x seq scores: counted in memory)")
 
-    def peak(batch: int, ckpt: bool, quant: str) -> float:
+    def peak(batch: int, ckpt: bool, quant: str, over: int | None = None) -> float:
         return estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
-                               trained_share, attention)["total"]
+                               trained_share, attention, shards if over is None else over)["total"]
 
     ckpt_fixed = {"on": True, "off": False}.get(cfg.gradient_checkpointing)
     lean_ckpt = True if ckpt_fixed is None else ckpt_fixed  # the smallest-memory setting allowed
     smallest = cfg.batch_size or 1
+    fsdp = _pick_fsdp(cfg, backend, world_size, lambda n: peak(smallest, lean_ckpt, "none", n), budget, reasons)
+    shards = world_size if fsdp else 1
 
     # Quantize: 4-bit costs speed and some quality, so only when 16-bit cannot fit at all.
     if cfg.quantize != "auto":
@@ -420,7 +441,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                        f"{per_process} per process); memory is per process")
 
     breakdown = estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
-                                trained_share, attention)
+                                trained_share, attention, shards)
     predicted = breakdown.pop("total")
     optimizer = "adamw"
     if device == "cuda" and predicted > TIGHT_SHARE * budget:
@@ -461,6 +482,11 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         seconds += max_steps * comm
         reasons.append(f"time: + {comm * 1e3:.1f} ms per step to sum the LoRA gradients over {world_size} processes"
                        + ("; processes on one CPU share its cores, so they add no compute" if device == "cpu" else ""))
+    if fsdp:
+        gather = allgather_seconds(model, dtype, world_size, device)
+        seconds += max_steps * per_process * gather
+        reasons.append(f"time: + {gather * 1e3:,.0f} ms per micro-batch to gather the sharded weights (forward and "
+                       "backward)")
     if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
         per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
         seconds += max_steps * sampled_per_item * per_position
@@ -474,10 +500,34 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
                 max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, save_steps=save_steps,
                 gradient_checkpointing=ckpt, sequences_per_item=sequences_per_item, attention=attention,
-                optimizer=optimizer, world_size=world_size,
+                optimizer=optimizer, world_size=world_size, fsdp=fsdp,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
                 est_tokens_per_s=tokens_per_s, micro_overhead_tokens=micro_overhead_tokens, reasons=reasons)
+
+
+def _pick_fsdp(cfg: Config, backend: str, world_size: int, peak_at, budget: float, reasons: list[str]) -> bool:
+    """FSDP=auto shards only when one whole copy of the model does not fit a process's budget but a shard does:
+    data-parallel is cheaper (no weight gathering) whenever it fits. `peak_at(n)`: the peak with n shards."""
+    if cfg.fsdp == "off" or (cfg.fsdp == "auto" and world_size == 1):
+        return False
+    if cfg.fsdp == "on":
+        if world_size == 1:  # e.g. a sharded run resumed on one process: nothing to shard over, not an error
+            reasons.append("FSDP on, but one process: nothing to shard over (NPROC=1)")
+            return False
+        if backend != "torch" or cfg.quantize == "4bit":
+            raise UserError(f"FSDP=on: sharding is built for the torch backend's 16/32-bit weights, not "
+                            f"{'4-bit (QLoRA)' if cfg.quantize == '4bit' else f'the {backend} backend'}; use one "
+                            "or the other")
+        reasons.append(f"FSDP on (set by you): each of {world_size} processes keeps 1/{world_size} of the base weights")
+        return True
+    if backend != "torch" or cfg.quantize == "4bit" or peak_at(1) <= budget:
+        return False
+    if peak_at(world_size) > budget:
+        return False  # 4-bit, or the no-fit error, comes next
+    reasons.append(f"FSDP on: a whole copy needs {peak_at(1):.1f} GB per process, over the {budget:.1f} GB budget; "
+                   f"sharded over {world_size} processes {peak_at(world_size):.1f} GB")
+    return True
 
 
 def save_steps_default(max_steps: int, est_seconds: float) -> int:
@@ -496,7 +546,8 @@ def format_plan(plan: Plan) -> str:
         ("batch x grad accum", f"{plan.batch_size} x {plan.grad_accum} = "
                                f"{plan.batch_size * plan.grad_accum} effective"),
         *([("processes", f"{plan.world_size} (each: batch {plan.batch_size} x "
-                         f"{plan.accum_per_process} of every step; memory below is per process)")]
+                         f"{plan.accum_per_process} of every step; memory below is per process"
+                         f"{'; base weights sharded (FSDP)' if plan.fsdp else ''})")]
           if plan.world_size > 1 else []),
         ("max seq length", str(plan.max_seq_length)),
         ("steps", f"{plan.max_steps} (eval every {plan.eval_steps}, checkpoint every {plan.save_steps})"),

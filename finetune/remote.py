@@ -176,7 +176,7 @@ def format_quotes(quotes: list[Quote], chosen: Quote | None, source: str) -> str
             rows.append(head + (f"does not fit: {q.why_not[:60]}", "", ""))
             continue
         setup = f"b{p.batch_size}x{p.grad_accum}{', ckpt' if p.gradient_checkpointing else ''}, {p.dtype}" \
-                f"{', 4-bit' if p.quantize == '4bit' else ''}"
+                f"{', 4-bit' if p.quantize == '4bit' else ''}{', FSDP' if p.fsdp else ''}"
         rows.append(head + (setup, hms(q.hours * 3600), "$%.2f" % q.cost))
     header = ("", "flavor", "GPU", "VRAM/GPU", "$/h", "plan", "time", "cost")
     fits = [r for r in rows if r[6]]

@@ -36,7 +36,8 @@ from finetune.tracking import Tracker
 
 # Settings a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save_total", "push_to_hub", "yes",
-                     "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours", "nproc"}
+                     "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours", "nproc",
+                     "fsdp"}
 # Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
 # resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
 ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True}
@@ -255,11 +256,16 @@ def _follow(cfg, world, run_dir, backend, plan, model, tokenizer, method, prepar
         with loop.StopRequest() as stop:
             session = _load(cfg, backend, plan, model, tokenizer, start, world)
             method.start(session, prepared, cfg)
+            if plan.fsdp and not resumed:  # sharded weights: rank 0's evaluation needs every process's forwards
+                method.evaluate_model(session, prepared, cfg)
             world.barrier()  # rank 0 has evaluated the starting model (or cleaned a resumed run's checkpoints)
             found = checkpoint.latest(run_dir) if resumed else None
             state = checkpoint.load(found, session) if found else loop.LoopState(micro_batch=plan.batch_size,
                                                                                  grad_accum=plan.grad_accum)
-            loop.run(session, method, prepared, cfg, plan, run_dir, lambda event: None, state, stop)
+            state = loop.run(session, method, prepared, cfg, plan, run_dir, lambda event: None, state, stop).state
+            if plan.fsdp:
+                stop.check(state.step, world)
+                method.evaluate_model(session, prepared, cfg)
     except loop.Stopped as stopped:
         return stopped.exit_code
     except worlds.Lost:  # rank 0 went away before the loop (it reports why)
@@ -302,7 +308,8 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
             state = result.state
             files = session.save_adapter(run_dir)
             outputs.write_metrics(metrics_path, state.records)
-            stop.check(state.step)  # Ctrl-C during the last steps: the adapter is saved, skip the evaluation
+            # Ctrl-C during the last steps: the adapter is saved, skip the evaluation (FSDP: all processes agree)
+            stop.check(state.step, world if plan.fsdp else None)
             print("Evaluating with the adapter ...")
             after = method.evaluate_model(session, prepared, cfg)
             print(f"  after: {_eval_line(after)}")

@@ -45,6 +45,14 @@ class World:
         """True on every process when it is true on any one (a stop asked for by a signal on one process)."""
         return bool(flag) if self.size == 1 else bool(self.sum([1.0 if flag else 0.0])[0] > 0)
 
+    def most(self, value: int) -> int:
+        """The largest of the processes' values."""
+        if self.size == 1:
+            return value
+        mine = np.zeros(self.size)
+        mine[self.rank] = value
+        return int(self.sum(mine).max())
+
     def barrier(self) -> None:
         self.sum([0.0])
 

@@ -58,6 +58,57 @@ def test_two_processes_train_what_one_process_trains(run_env, tmp_path, tiny_mod
     assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # rank 1 wrote nothing of its own
 
 
+def test_fsdp_shards_the_base_and_trains_what_one_process_trains(run_env, tmp_path, tiny_model):
+    """FSDP=on: DPO (its reference forwards with the adapter off), checkpointing and sample generations, every one a
+    sharded forward that both processes run together; the result equals one process's, and the adapter is a
+    normal PEFT adapter."""
+    extra = {"METHOD": "dpo", "DATASET": "sample", "EVAL_GENERATIONS": "2", "MAX_STEPS": "4", "EVAL_STEPS": "2",
+             "GRADIENT_CHECKPOINTING": "on"}
+    one = run_cli([], _env(run_env, tmp_path / "one", NPROC="1", **extra))
+    two = run_cli([], _env(run_env, tmp_path / "two", NPROC="2", FSDP="on", **extra))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "base weights sharded (FSDP)" in two.stdout and "FSDP on (set by you)" in two.stdout
+    r1, r2 = _record(tmp_path / "one"), _record(tmp_path / "two")
+    assert r2["plan"]["fsdp"] is True and r1["plan"]["fsdp"] is False
+    assert 0.45 < r2["result"]["extra"]["fsdp_weights_held"] < 0.55  # rank 0 holds half of the decoder's weights
+    for when in ("before", "after"):
+        a, b = r1["evaluation"][when], r2["evaluation"][when]
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 and a["generations"] == b["generations"]
+    periodic = [[json.loads(x)["eval_loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                 if "eval_loss" in x]
+                for n in ("one", "two")]
+    assert len(periodic[0]) == 2 and np.allclose(periodic[0], periodic[1], rtol=1e-4)  # EVAL_STEPS: all evaluate
+    assert _close(_adapter(tmp_path / "one"), _adapter(tmp_path / "two")) < 1e-3
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "two"))
+    trained = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert trained and all(isinstance(v, torch.Tensor) and v.abs().sum() > 0 for v in trained.values())
+
+
+def test_fsdp_kill_9_stops_cleanly_and_resume_continues_on_one_process(run_env, tmp_path, tiny_model):
+    straight = run_cli([], _env(run_env, tmp_path / "straight", MAX_STEPS="24", NPROC="1"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = _start(_env(run_env, out, MAX_STEPS="24", SAVE_STEPS="4", NPROC="2", FSDP="on"))
+    _wait_for_checkpoint(out, 4, proc)
+    _rank(proc, 1).kill()  # rank 0 is inside a weight gather, not the step's sum: it must still see the loss
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in stdout + stderr, stderr[-3000:]
+    record = _record(out)
+    assert record["status"] == "interrupted" and "another process" in record["error"]
+    resumed = run_cli(["train", "--resume", str(out)], {**run_env, "NPROC": "1"})
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    done = _record(out)
+    assert done["result"]["steps"] == 24 and done["world_sizes"] == [2, 1]
+    a, b = done["evaluation"]["after"]["eval_loss"], _record(tmp_path / "straight")["evaluation"]["after"]["eval_loss"]
+    assert abs(a - b) / b < 1e-3, (a, b)
+
+
 def _start(env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "finetune"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -152,12 +203,15 @@ def test_two_processes_on_the_real_model_match_one(run_env, tmp_path, offline_mo
     """The issue's check on the real offline model: held-out eval loss equal within 1 %."""
     common = {"MODEL": "smollm2-135m-offline", "MAX_STEPS": "3", "BATCH_SIZE": "2", "GRAD_ACCUM": "2",
               "MAX_SEQ_LENGTH": "128", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "8", "LEARNING_RATE": "0.001"}
-    for name, n in (("one", "1"), ("two", "2")):
-        done = run_cli([], {**run_env, **common, "OUTPUT_DIR": str(tmp_path / name), "NPROC": n}, timeout=900)
+    for name, n, fsdp in (("one", "1", "off"), ("two", "2", "off"), ("sharded", "2", "on")):
+        done = run_cli([], {**run_env, **common, "OUTPUT_DIR": str(tmp_path / name), "NPROC": n, "FSDP": fsdp},
+                       timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    one, two = (_record(tmp_path / n)["evaluation"] for n in ("one", "two"))
-    assert two["after"]["eval_loss"] < two["before"]["eval_loss"]
-    assert abs(one["after"]["eval_loss"] - two["after"]["eval_loss"]) / one["after"]["eval_loss"] < 0.01
+    one = _record(tmp_path / "one")["evaluation"]
+    for name in ("two", "sharded"):  # data-parallel, and FSDP on a model with tied embeddings
+        two = _record(tmp_path / name)["evaluation"]
+        assert two["after"]["eval_loss"] < two["before"]["eval_loss"]
+        assert abs(one["after"]["eval_loss"] - two["after"]["eval_loss"]) / one["after"]["eval_loss"] < 0.01
 
 
 def test_mlx_two_processes_on_the_ring_backend_train_what_one_trains(run_env, tmp_path, tiny_model):

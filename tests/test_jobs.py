@@ -292,6 +292,30 @@ def test_a_multi_gpu_flavor_is_planned_per_gpu_and_its_job_runs_nproc_processes(
         assert "./run.sh train" in spec["command"][-1]
 
 
+QWEN_72B = {**QWEN_32B, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "intermediate_size": 29568}
+
+
+def test_a_16_bit_model_larger_than_one_gpu_is_sharded_over_a_multi_gpu_flavor(run_env, tmp_path, big_model):
+    """72B in bf16 (~145 GB) with QUANTIZE=none: no single H200 holds it, h200x4 shards it (FSDP) and the job starts
+    the four processes; `--dry-run` shows the per-GPU plan."""
+    with open(os.path.join(big_model, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(QWEN_72B, fh)
+    with HubServer(hardware=MULTI) as hub:
+        env = env_for(run_env, hub, tmp_path, MODEL=big_model, QUANTIZE="none")
+        args = ["train", "--remote", "hf-jobs", "--max-steps", "20", "--max-seq-length", "1024"]
+        preview = run_cli([*args, "--dry-run"], env)
+        assert preview.returncode == 0, preview.stdout[-1500:] + preview.stderr[-1500:]
+        rows = {line[2:].split()[0]: line for line in preview.stdout.splitlines() if line[:1] in " *" and line[2:4] == "h2"}
+        assert "does not fit" in rows["h200"] and "FSDP" in rows["h200x4"], rows
+        assert "auto picks h200x" in preview.stdout
+        assert "base weights sharded (FSDP)" in preview.stdout and "FSDP on: a whole copy needs" in preview.stdout
+        done = run_cli([*args, "--yes", "--flavor", "h200x4"], env)
+        assert done.returncode == 0, done.stderr[-1500:]
+        (job,) = hub.jobs.values()
+        assert job["spec"]["environment"]["NPROC"] == "4" and job["spec"]["environment"]["QUANTIZE"] == "none"
+
+
 def test_nproc_above_one_reruns_the_same_command_under_torchrun(monkeypatch, tmp_path, tiny_model, cache_dir):
     """What the job's `./run.sh train` does with NPROC=4: every check here, then torchrun with the same arguments."""
     from finetune import cli, launch

@@ -314,7 +314,7 @@ def test_plan_is_a_dataclass_with_the_agreed_fields():
                      "eval_steps", "save_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
                      "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer", "world_size",
-                     "micro_overhead_tokens"]
+                     "fsdp", "micro_overhead_tokens"]
 
 
 # ---- MLX: unified memory on Apple silicon, 4-bit QLoRA with MLX's own quantization, fp32 on mlx[cpu]
@@ -507,3 +507,40 @@ def test_world_size_keeps_the_effective_batch_and_memory_and_splits_the_time():
     with pytest.raises(UserError, match="NPROC=8: a step has only 4 rows"):
         plan.make(Config(batch_size=2, grad_accum=2), hw, MODELS["0.5B"], "torch", device, ROWS, MEAN_TOKENS,
                   world_size=8)
+
+
+A100_40 = CudaDevice("NVIDIA A100-SXM4-40GB", 40, "8.0", True)
+QWEN_32B = qwen(5120, 64, 27648, 40, 8, 152064, False, "Qwen/Qwen2.5-32B-Instruct")
+
+
+def test_fsdp_auto_shards_only_what_does_not_fit_one_device():
+    """32B in bf16 (~65 GB) on 40 GB GPUs: one process must quantize; four shard the 16-bit weights instead (FSDP
+    before 4-bit: no quality cost). A model that fits stays data-parallel (no weight gathering)."""
+    gpus = linux(256, gpus=[A100_40] * 4)
+    alone = plan.make(Config(), gpus, QWEN_32B, "torch", "cuda", ROWS, MEAN_TOKENS)
+    four = plan.make(Config(), gpus, QWEN_32B, "torch", "cuda", ROWS, MEAN_TOKENS, world_size=4)
+    assert (alone.fsdp, alone.quantize) == (False, "4bit") and (four.fsdp, four.quantize) == (True, "none")
+    whole = plan.estimate_memory(QWEN_32B, 1, 1024, True, "bf16", "none", 16, "cuda")["weights"]
+    assert whole / 4 < four.breakdown_gb["weights"] < whole / 2  # a quarter, plus gathered layers and the outer ones
+    assert four.predicted_peak_gb <= four.budget_gb
+    assert any(r.startswith("FSDP on: a whole copy needs") for r in four.reasons)
+    assert any("to gather the sharded weights" in r for r in four.reasons)
+    assert "base weights sharded (FSDP)" in plan.format_plan(four)
+    small = plan.make(Config(), gpus, MODELS["7B"], "torch", "cuda", ROWS, MEAN_TOKENS, world_size=4)
+    assert small.fsdp is False
+    off = plan.make(Config(fsdp="off"), gpus, QWEN_32B, "torch", "cuda", ROWS, MEAN_TOKENS, world_size=4)
+    assert (off.fsdp, off.quantize) == (False, "4bit")
+    forced = plan.make(Config(fsdp="on"), gpus, MODELS["7B"], "torch", "cuda", ROWS, MEAN_TOKENS, world_size=4)
+    assert forced.fsdp and forced.est_seconds > small.est_seconds  # gathering costs time
+    resumed_alone = plan.make(Config(fsdp="on"), gpus, MODELS["7B"], "torch", "cuda", ROWS, MEAN_TOKENS)
+    assert not resumed_alone.fsdp and "nothing to shard over" in " ".join(resumed_alone.reasons)
+
+
+@pytest.mark.parametrize("cfg, backend, world, says", [
+    ({"fsdp": "on", "quantize": "4bit"}, "torch", 2, r"not 4-bit \(QLoRA\)"),
+    ({"fsdp": "on"}, "unsloth", 2, "not the unsloth backend"),
+])
+def test_fsdp_on_where_it_cannot_shard_is_one_clear_error(cfg, backend, world, says):
+    gpus = linux(256, gpus=[A100_40] * 2)
+    with pytest.raises(UserError, match=says):
+        plan.make(Config(**cfg), gpus, MODELS["0.5B"], backend, "cuda", ROWS, MEAN_TOKENS, world_size=world)

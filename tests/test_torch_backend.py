@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from backends import select
-from backends.torch_backend import BACKEND, lora_kwargs, model_load_kwargs, optimizer_kwargs
+from backends.torch_backend import BACKEND
+from backends.torch_build import lora_kwargs, model_load_kwargs, optimizer_kwargs
 from finetune.config import Config
 from finetune.hardware import CudaDevice, Hardware
 from finetune.models import info_from_config
@@ -151,7 +152,7 @@ def test_resume_keeps_a_paged_optimizer_paged(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     import torch
 
-    from backends.torch_backend import repage_optimizer_state
+    from backends.torch_build import repage_optimizer_state
 
     p = torch.nn.Parameter(torch.randn(512, 256))
     opt = bnb.optim.PagedAdamW8bit([p], lr=1e-3)
