@@ -24,7 +24,9 @@ def model_load_kwargs(plan) -> dict:
     dtype = compute_dtype(plan)
     kwargs = {"dtype": torch.float32 if plan.device == "cpu" else dtype,
               "attn_implementation": getattr(plan, "attention", "sdpa")}
-    if plan.device == "cuda" or plan.quantize == "4bit":
+    # FSDP: onto the host first, and fully_shard moves each process's shard to its GPU (a whole copy on every GPU is
+    # what sharding is there to avoid)
+    if (plan.device == "cuda" and not getattr(plan, "fsdp", False)) or plan.quantize == "4bit":
         # Straight onto the device, shard by shard: a 16-bit model never passes through host RAM whole on CUDA,
         # and bitsandbytes places the quantized weights itself (on the CPU too, when 4-bit is asked for there).
         # (one GPU per process: torchrun's LOCAL_RANK, the device torch_dist.join selected; 0 alone)
@@ -57,7 +59,7 @@ def build_peft_model(cfg, plan, model, adapter: str | None):
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in the run's log
     kwargs = model_load_kwargs(plan)
     base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
-    if "device_map" not in kwargs:
+    if "device_map" not in kwargs and not getattr(plan, "fsdp", False):  # (FSDP: torch_dist.shard places it)
         base.to(plan.device)
     if plan.quantize == "4bit":
         from peft import prepare_model_for_kbit_training

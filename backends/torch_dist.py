@@ -108,10 +108,27 @@ def shard(peft_model) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    decoder = peft_model.get_base_model().get_decoder()
+    import torch
+
+    base = peft_model.get_base_model()
+    decoder = base.get_decoder()
     kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(kind, (dist.get_world_size(),))
     lora = {p for p in peft_model.parameters() if p.requires_grad}
+    # The model was loaded on the host (torch_build): fully_shard moves what it shards to the device; the rest goes
+    # whole. A tied lm_head gets its own copy: its weight would otherwise be the embeddings' shard after sharding.
+    head = base.get_output_embeddings()
+    inside = {id(p) for p in decoder.parameters()} - {id(p) for p in lora}
+    if id(head.weight) in inside:
+        head.weight = torch.nn.Parameter(head.weight.detach().to(device, copy=True), requires_grad=False)
+    for p in peft_model.parameters():
+        if id(p) not in inside:
+            p.data = p.data.to(device)
+    for module in peft_model.modules():  # buffers outside the decoder (fully_shard moves the decoder's)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.device != device:
+                setattr(module, name, buf.to(device))
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh, ignored_params=lora)
     # reshard_after_forward for the root too (FSDP keeps a root gathered by default): rank 0 alone saves the adapter,

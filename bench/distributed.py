@@ -63,10 +63,7 @@ def allreduce_worker() -> None:
 def train(nproc: int, out: str, fsdp: str = "off") -> dict:
     env = {**os.environ, "MODEL": "smollm2-135m-offline", "MAX_STEPS": "8", "BATCH_SIZE": "4", "GRAD_ACCUM": "2",
            "MAX_SEQ_LENGTH": "256", "EVAL_GENERATIONS": "0", "EVAL_ROWS": "16", "LEARNING_RATE": "0.001",
-           "OUTPUT_DIR": out, "NPROC": str(nproc), "BACKEND": "torch", "HF_HUB_OFFLINE": "1", "FSDP": fsdp,
-           # glibc keeps freed large blocks (FSDP's gathered layers) in its heap, so a process's peak RSS would be
-           # the heap's high-water mark; served by mmap, a freed tensor leaves at once and the peak is the tensors'
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+           "OUTPUT_DIR": out, "NPROC": str(nproc), "BACKEND": "torch", "HF_HUB_OFFLINE": "1", "FSDP": fsdp}
     done = subprocess.run([sys.executable, "-m", "finetune", "train"], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])

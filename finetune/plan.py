@@ -207,10 +207,10 @@ def estimate_memory(model: ModelInfo, batch: int, seq: int, grad_ckpt: bool, dty
         weights = model.num_params * nbytes
     if shards > 1:  # FSDP (backends/torch_dist.shard): each process keeps 1/N of the decoder layers' weights and
         # gathers them a layer at a time (two at once with prefetch); embeddings and norms are gathered for the whole
-        # step (the root unit), and lm_head stays whole beside them (a tied one keeps its own copy)
+        # forward (the root unit), and lm_head stays whole beside them (a tied one as its own copy)
         outer = rest * (4 if device == "cpu" else nbytes)
         layers_w = weights - outer
-        weights = layers_w / shards + 2 * layers_w / layers + 2 * outer
+        weights = layers_w / shards + 2 * layers_w / layers + outer * (2 if model.tie_word_embeddings else 1)
     lora_params = _lora_params(model, lora_r)
     tokens = batch * seq
     elements = ACT_H * h + ACT_I * inter + ACT_KV * kv
@@ -333,7 +333,8 @@ def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") 
 def _no_fit(cfg: Config, model: ModelInfo, peak: float, budget: float, kind: str, total: float,
             dtype: str, quant: str, ckpt: bool, seq: int) -> UserError:
     fixed = [n for n, v in (("DTYPE", cfg.dtype), ("QUANTIZE", cfg.quantize),
-                            ("GRADIENT_CHECKPOINTING", cfg.gradient_checkpointing)) if v != "auto"]
+                            ("GRADIENT_CHECKPOINTING", cfg.gradient_checkpointing), ("FSDP", cfg.fsdp))
+             if v != "auto"]
     also = f", or set {'/'.join(fixed)} back to auto" if fixed else ""
     setup = f"{dtype}{', 4-bit' if quant == '4bit' else ''}, checkpointing {'on' if ckpt else 'off'}"
     return UserError(
@@ -376,7 +377,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     ckpt_fixed = {"on": True, "off": False}.get(cfg.gradient_checkpointing)
     lean_ckpt = True if ckpt_fixed is None else ckpt_fixed  # the smallest-memory setting allowed
     smallest = cfg.batch_size or 1
-    fsdp = _pick_fsdp(cfg, backend, world_size, lambda n: peak(smallest, lean_ckpt, "none", n), budget, reasons)
+    fsdp = _pick_fsdp(cfg, backend, device, world_size, lambda n: peak(smallest, lean_ckpt, "none", n), budget, reasons)
     shards = world_size if fsdp else 1
 
     # Quantize: 4-bit costs speed and some quality, so only when 16-bit cannot fit at all.
@@ -388,7 +389,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                            "(slow; never chosen automatically here)")
         elif quant == "4bit" and device not in QUANT_DEVICES:
             reasons.append(f"warning: 4-bit needs CUDA (bitsandbytes) or MLX; device {device} may reject it")
-    elif device in QUANT_DEVICES and peak(smallest, lean_ckpt, "none") > budget:
+    elif device in QUANT_DEVICES and peak(smallest, lean_ckpt, "none") > budget and not fsdp:  # (FSDP: 16-bit)
         quant = "4bit"
         reasons.append(f"quantize 4bit ({QUANT_DEVICES[device]}): {dtype} weights need "
                        f"{peak(smallest, lean_ckpt, 'none'):.1f} GB at batch {smallest}, over the {budget:.1f} GB budget")
@@ -489,6 +490,8 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                        "backward)")
     if sampled_per_item:  # GRPO: each step generates its completions together, one token position at a time
         per_position = DECODE_STEP_S.get(device, 0.03) + batch * grad_accum * 2 * model.num_params / (peak_flops * eff)
+        if fsdp:  # every generated token's forward gathers the layers again
+            per_position += allgather_seconds(model, dtype, world_size, device) / 2
         seconds += max_steps * sampled_per_item * per_position
     tokens_per_s = tokens / seconds
     # torch only: MLX compiles its step per shape, so more, differently shaped micro-batches would cost compiles
@@ -506,7 +509,8 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
                 est_tokens_per_s=tokens_per_s, micro_overhead_tokens=micro_overhead_tokens, reasons=reasons)
 
 
-def _pick_fsdp(cfg: Config, backend: str, world_size: int, peak_at, budget: float, reasons: list[str]) -> bool:
+def _pick_fsdp(cfg: Config, backend: str, device: str, world_size: int, peak_at, budget: float,
+               reasons: list[str]) -> bool:
     """FSDP=auto shards only when one whole copy of the model does not fit a process's budget but a shard does:
     data-parallel is cheaper (no weight gathering) whenever it fits. `peak_at(n)`: the peak with n shards."""
     if cfg.fsdp == "off" or (cfg.fsdp == "auto" and world_size == 1):
@@ -521,7 +525,8 @@ def _pick_fsdp(cfg: Config, backend: str, world_size: int, peak_at, budget: floa
                             "or the other")
         reasons.append(f"FSDP on (set by you): each of {world_size} processes keeps 1/{world_size} of the base weights")
         return True
-    if backend != "torch" or cfg.quantize == "4bit" or peak_at(1) <= budget:
+    # auto: CUDA only. Processes on one CPU share its memory, and each loads a whole copy before sharding it.
+    if backend != "torch" or device != "cuda" or cfg.quantize == "4bit" or peak_at(1) <= budget:
         return False
     if peak_at(world_size) > budget:
         return False  # 4-bit, or the no-fit error, comes next

@@ -314,7 +314,9 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
             after = method.evaluate_model(session, prepared, cfg)
             print(f"  after: {_eval_line(after)}")
             tracker.finish()
-    except loop.Stopped as stopped:
+    except (loop.Stopped, worlds.Lost) as stopped:
+        if isinstance(stopped, worlds.Lost):  # outside the steps: FSDP's evaluations gather from every process
+            stopped = loop.PeerLost(state.step if state else 0, str(stopped))
         if isinstance(stopped, loop.PeerLost):  # torchrun SIGTERMs every process when one dies: finish writing first
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if _nothing_trained(record, run_dir, made_dir):

@@ -532,6 +532,9 @@ def test_fsdp_auto_shards_only_what_does_not_fit_one_device():
     assert (off.fsdp, off.quantize) == (False, "4bit")
     forced = plan.make(Config(fsdp="on"), gpus, MODELS["7B"], "torch", "cuda", ROWS, MEAN_TOKENS, world_size=4)
     assert forced.fsdp and forced.est_seconds > small.est_seconds  # gathering costs time
+    with pytest.raises(UserError, match="does not fit"):  # FSDP=on shards 16-bit weights: never 4-bit underneath
+        plan.make(Config(fsdp="on"), linux(256, gpus=[A100_40] * 2), QWEN_32B, "torch", "cuda", ROWS, MEAN_TOKENS,
+                  world_size=2)
     resumed_alone = plan.make(Config(fsdp="on"), gpus, MODELS["7B"], "torch", "cuda", ROWS, MEAN_TOKENS)
     assert not resumed_alone.fsdp and "nothing to shard over" in " ".join(resumed_alone.reasons)
 

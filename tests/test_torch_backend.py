@@ -132,6 +132,11 @@ def test_16bit_cuda_loads_straight_onto_the_gpu(monkeypatch):
     assert model_load_kwargs(plan(device="cuda", dtype="bf16"))["device_map"] == {"": 3}
     monkeypatch.delenv("LOCAL_RANK")
     assert model_load_kwargs(plan(device="cpu", dtype="fp32", quantize="4bit"))["device_map"] == {"": "cpu"}
+    # FSDP: on the host, not whole on every GPU; torch_dist.shard moves each process's shard there
+    import torch
+
+    sharded = model_load_kwargs(plan(device="cuda", dtype="bf16", world_size=4, fsdp=True))
+    assert "device_map" not in sharded and sharded["dtype"] == torch.bfloat16
 
 
 def test_loss_and_eval_forwards_build_no_kv_cache(tiny_model, tokenizer):

@@ -1,0 +1,59 @@
+"""The default demo's time estimate on a quiet machine and on a busy one (issue 18: within +-30 % both ways).
+
+Runs `python -m finetune train` with no settings (the demo `./run.sh` trains: the shipped sample on the default
+model, or the offline SmolLM2-135M when the Hub is unreachable) twice: alone, then beside a neighbour that keeps one
+core busy with matmuls for the whole run. The planner measures the CPU's matmul peak when the run starts, so its
+estimate should follow the machine's state; run.json has the prediction and the measured training time.
+
+Run:  python bench/demo_estimate.py            (~10 min on 2 cores)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NEIGHBOUR = """
+import numpy as np, time
+a = np.random.rand(1024, 1024).astype(np.float32)
+while True:
+    a @ a
+"""
+
+
+def demo(out: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.isupper() and k not in ("MODEL", "MAX_STEPS", "BATCH_SIZE")}
+    env.update(OUTPUT_DIR=out, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "finetune", "train"], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as fh:
+        run = json.load(fh)
+    return {"peak": run["hardware"].get("cpu_peak_gflops"), "predicted": run["result"]["predicted_seconds"],
+            "measured": run["result"]["train_seconds"], "model": run["model"]["name"], "steps": run["result"]["steps"]}
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(("quiet", demo(os.path.join(tmp, "quiet"))))
+        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                              "OPENBLAS_NUM_THREADS": "1"})
+        try:
+            rows.append(("busy (1 core taken)", demo(os.path.join(tmp, "busy"))))
+        finally:
+            neighbour.kill()
+    print(f"{rows[0][1]['model']}, {rows[0][1]['steps']} steps, {os.cpu_count()} cores\n")
+    print("| machine | measured matmul peak GFLOP/s | predicted s | measured s | error |\n|---|---|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['peak']} | {r['predicted']:.0f} | {r['measured']:.0f} | "
+              f"{(r['predicted'] - r['measured']) / r['measured']:+.0%} |")
+
+
+if __name__ == "__main__":
+    main()
