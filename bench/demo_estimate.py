@@ -5,10 +5,12 @@ model, or the offline SmolLM2-135M when the Hub is unreachable) twice: alone, th
 core busy with matmuls for the whole run. The planner measures the CPU's matmul peak when the run starts, so its
 estimate should follow the machine's state; run.json has the prediction and the measured training time.
 
-Run:  python bench/demo_estimate.py            (~10 min on 2 cores)
+Run:  python bench/demo_estimate.py [--max-steps N]   (the whole demo: ~50 min on a 2-core AVX2 CPU in fp32;
+      --max-steps 20: the demo's data and settings, its first 20 steps, ~17 min)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,9 +27,9 @@ while True:
 """
 
 
-def demo(out: str) -> dict:
+def demo(out: str, max_steps: int | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k.isupper() and k not in ("MODEL", "MAX_STEPS", "BATCH_SIZE")}
-    env.update(OUTPUT_DIR=out, HF_HUB_OFFLINE="1")
+    env.update(OUTPUT_DIR=out, HF_HUB_OFFLINE="1", **({"MAX_STEPS": str(max_steps)} if max_steps else {}))
     done = subprocess.run([sys.executable, "-m", "finetune", "train"], env=env, cwd=ROOT, capture_output=True,
                           text=True)
     if done.returncode:
@@ -39,13 +41,16 @@ def demo(out: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-steps", type=int, default=None, help="stop the demo after this many steps")
+    args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(("quiet", demo(os.path.join(tmp, "quiet"))))
+        rows.append(("quiet", demo(os.path.join(tmp, "quiet"), args.max_steps)))
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_NUM_THREADS": "1",
                                                                               "OPENBLAS_NUM_THREADS": "1"})
         try:
-            rows.append(("busy (1 core taken)", demo(os.path.join(tmp, "busy"))))
+            rows.append(("busy (1 core taken)", demo(os.path.join(tmp, "busy"), args.max_steps)))
         finally:
             neighbour.kill()
     print(f"{rows[0][1]['model']}, {rows[0][1]['steps']} steps, {os.cpu_count()} cores\n")
