@@ -104,11 +104,10 @@ def shard(peft_model) -> None:
     The decoder, not the whole model, is the root unit because the fast step calls the decoder and lm_head apart.
     Every process must then run the same forwards and backwards in the same order (TorchSession.train_step and the
     evaluation see to it): each one gathers from all of them."""
+    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    import torch
 
     base = peft_model.get_base_model()
     decoder = base.get_decoder()
