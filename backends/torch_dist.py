@@ -124,7 +124,7 @@ def shard(peft_model) -> None:
     for p in peft_model.parameters():
         if id(p) not in inside:
             p.data = p.data.to(device)
-    for module in peft_model.modules():  # buffers outside the decoder (fully_shard moves the decoder's)
+    for module in peft_model.modules():  # every buffer: fully_shard would move its units' own, this covers the rest too
         for name, buf in module.named_buffers(recurse=False):
             if buf.device != device:
                 setattr(module, name, buf.to(device))

@@ -103,8 +103,8 @@ EFFICIENCY_GPU = 0.35
 # on the 2-core VM, 2026-12-01: 0.21 ms for one float, 19.5 MB (SmolLM2 r16) at 1.48 GB/s quiet, 0.68 under load;
 # NCCL: NVLink-class bandwidth, unmeasured (issue 24's GPU was a single H200); MLX ring: unmeasured.
 ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "mlx": (5e-4, 1.0e9)}
-# FSDP's weight gathers (all_gather, bytes received): gloo on the same VM, one SmolLM2 layer (14.2 MB) from two
-# halves in 9.7 ms = 0.73 GB/s; NCCL as above, unmeasured.
+# FSDP's weight gathers (all_gather, bytes received): gloo on the same VM (bench/distributed.py, 2026-12-01), one
+# SmolLM2 layer (14.2 MB) from two halves in 9.7-10.5 ms = 0.68-0.73 GB/s; NCCL as above, unmeasured.
 ALLGATHER = {"cpu": (2e-4, 0.7e9), "cuda": (5e-5, 50e9)}
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
