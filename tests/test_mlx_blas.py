@@ -30,3 +30,22 @@ def _bindings(preload: bool) -> str:
 def test_mlx_cpu_matmuls_bind_to_openblas_only_when_loaded_first():
     assert "libopenblas" in _bindings(preload=True)
     assert "libopenblas" not in _bindings(preload=False)  # the bundled reference BLAS otherwise
+
+
+def _torch_blas_bindings(code: str) -> list[str]:
+    """libtorch_cpu's BLAS symbols the dynamic linker bound to the system OpenBLAS while running `code`."""
+    code = "import sys; sys.path.insert(0, %r)\n" % ROOT + code + "\nimport torch; torch.ones(64, 64) @ torch.ones(64, 64)\n"
+    env = {**os.environ, "LD_DEBUG": "bindings"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line for line in done.stderr.splitlines() if "libtorch_cpu.so" in line and "libopenblas" in line.split(" to ")[-1]]
+
+
+@pytest.mark.skipif(not find_openblas(), reason="needs a system OpenBLAS (setup_environment.sh installs it as root)")
+def test_torch_keeps_its_own_blas_when_the_mlx_backend_loads_openblas_first():
+    # BACKEND=auto imports the MLX backend (which loads OpenBLAS) before torch trains: torch's sgemm_ bound to
+    # OpenBLAS made the default run's steps 2.3x slower. The control shows the check sees such a binding.
+    blas = find_openblas()
+    assert any("`sgemm_'" in line for line in _torch_blas_bindings(
+        f"import ctypes, os; ctypes.CDLL({blas!r}, mode=os.RTLD_GLOBAL)"))
+    assert _torch_blas_bindings("import backends; backends.get('mlx')") == []
