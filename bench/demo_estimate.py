@@ -5,7 +5,7 @@ model, or the offline SmolLM2-135M when the Hub is unreachable) twice: alone, th
 core busy with matmuls for the whole run. The planner measures the CPU's matmul peak when the run starts, so its
 estimate should follow the machine's state; run.json has the prediction and the measured training time.
 
-Run:  python bench/demo_estimate.py [--max-steps N]   (the whole demo: ~50 min on a 2-core AVX2 CPU in fp32;
+Run:  python bench/demo_estimate.py [--max-steps N] [--only quiet|busy]   (the whole demo: ~50 min on a 2-core AVX2 CPU in fp32;
       --max-steps 20: the demo's data and settings, its first 20 steps, ~17 min)
 """
 from __future__ import annotations
@@ -36,27 +36,32 @@ def demo(out: str, max_steps: int | None) -> dict:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
     with open(os.path.join(out, "run.json"), encoding="utf-8") as fh:
         run = json.load(fh)
-    return {"peak": run["hardware"].get("cpu_peak_gflops"), "predicted": run["result"]["predicted_seconds"],
-            "measured": run["result"]["train_seconds"], "model": run["model"]["name"], "steps": run["result"]["steps"]}
+    return {"peak": run["hardware"].get("cpu_peak_gflops"), "busy": run["hardware"].get("cpu_busy_cores"),
+            "predicted": run["result"]["predicted_seconds"], "measured": run["result"]["train_seconds"],
+            "model": run["model"]["name"], "steps": run["result"]["steps"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-steps", type=int, default=None, help="stop the demo after this many steps")
+    parser.add_argument("--only", choices=("quiet", "busy"), help="run only this one of the two")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(("quiet", demo(os.path.join(tmp, "quiet"), args.max_steps)))
+        if args.only != "busy":
+            rows.append(("quiet", demo(os.path.join(tmp, "quiet"), args.max_steps)))
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_NUM_THREADS": "1",
                                                                               "OPENBLAS_NUM_THREADS": "1"})
         try:
-            rows.append(("busy (1 core taken)", demo(os.path.join(tmp, "busy"), args.max_steps)))
+            if args.only != "quiet":
+                rows.append(("busy (1 core taken)", demo(os.path.join(tmp, "busy"), args.max_steps)))
         finally:
             neighbour.kill()
     print(f"{rows[0][1]['model']}, {rows[0][1]['steps']} steps, {os.cpu_count()} cores\n")
-    print("| machine | measured matmul peak GFLOP/s | predicted s | measured s | error |\n|---|---|---:|---:|---:|")
+    print("| machine | cores busy at the start | matmul probe GFLOP/s | predicted s | measured s | error |\n"
+          "|---|---:|---|---:|---:|---:|")
     for name, r in rows:
-        print(f"| {name} | {r['peak']} | {r['predicted']:.0f} | {r['measured']:.0f} | "
+        print(f"| {name} | {r['busy']} | {r['peak']} | {r['predicted']:.0f} | {r['measured']:.0f} | "
               f"{(r['predicted'] - r['measured']) / r['measured']:+.0%} |")
 
 

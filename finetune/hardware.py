@@ -39,6 +39,7 @@ class Hardware:
     mlx_openblas: bool = False  # mlx[cpu] gets the system OpenBLAS instead of its bundled reference BLAS
     packages: dict[str, str] = field(default_factory=dict)  # installed backend packages -> version
     cpu_peak_gflops: dict[str, float] = field(default_factory=dict)  # this run's matmul probe, "fp32"/"bf16"
+    cpu_busy_cores: float | None = None  # cores other processes kept busy just before that probe
 
     @property
     def apple_silicon(self) -> bool:
@@ -260,6 +261,14 @@ def detect() -> Hardware:
         mlx_available=mlx_ok, mlx_device=mlx_device, packages=packages,
         mlx_openblas=bool(mlx_device == "cpu" and find_openblas()),
     )
+
+
+def measure_cpu_busy(seconds: float = 0.3) -> float:
+    """Cores kept busy by other processes, from the machine's CPU time over `seconds` while this one sleeps: tells
+    a busy machine (the probe below then reads its share of the cores, and the run will get about that) from a
+    probe that a passing neighbour dipped for a moment."""
+    cores = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    return round(psutil.cpu_percent(interval=seconds) / 100 * cores, 1)
 
 
 def measure_cpu_peak(bf16: bool, seconds: float = 0.5) -> dict[str, float]:

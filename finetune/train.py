@@ -159,6 +159,7 @@ def _train(cfg: Config, sources: dict[str, str], tees, record: dict | None = Non
     if not world.writer:  # rank 0 prints and writes for the run; the others' errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     if backend.device(hw) == "cpu" and world.writer:  # the time estimate uses this machine's measured matmul rate
+        hw.cpu_busy_cores = hardware.measure_cpu_busy()
         hw.cpu_peak_gflops = hardware.measure_cpu_peak(hw.cpu_bf16)
     try:
         plan = planner.make(cfg, hw, model, backend.name, backend.device(hw), len(prepared.train), prepared.mean_tokens,

@@ -2,6 +2,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,13 +204,29 @@ def test_cpu_peak_probe_feeds_the_time_estimate():
     assert set(peak) == {"fp32"} and peak["fp32"] > 1
     model = info_from_config("m", None, dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                              vocab_size=1000, model_type="llama"))
-    def planned(gflops):
-        return plan.make(Config(dtype="fp32"), hardware.Hardware(**{**hw.__dict__, "cpu_peak_gflops": {"fp32": gflops}}),
+    def planned(gflops, busy_cores=0.0):
+        return plan.make(Config(dtype="fp32"), hardware.Hardware(**{**hw.__dict__, "cpu_peak_gflops": {"fp32": gflops},
+                                                                     "cpu_busy_cores": busy_cores}),
                          model, "torch", "cpu", 1000, 100, 100)
 
-    fast, faster, busy = planned(5000.0), planned(10000.0), planned(1.0)
+    fast, faster, blip = planned(5000.0), planned(10000.0), planned(1.0)
     assert faster.est_seconds < fast.est_seconds and any("(measured)" in r for r in fast.reasons)
-    assert busy.est_seconds > fast.est_seconds and any("probe read 1 GFLOP/s, below it" in r for r in busy.reasons)
+    assert blip.est_seconds > fast.est_seconds and any("probe read 1 GFLOP/s, below it" in r for r in blip.reasons)
+    # other processes held a core as the run started: the low probe is what the run will get, so it is used
+    busy = planned(1.0, busy_cores=1.0)
+    assert busy.est_seconds > 10 * blip.est_seconds
+    assert any(f"measured while other processes kept 1 of {hw.cpu_cores} cores busy" in r for r in busy.reasons)
+
+
+def test_measure_cpu_busy_sees_a_neighbour_process():
+    idle = hardware.measure_cpu_busy(0.5)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = hardware.measure_cpu_busy(0.5)
+    finally:
+        spin.kill()
+    assert busy >= 0.7, (idle, busy)
 
 
 def test_find_openblas_linux_only_and_from_known_paths(monkeypatch, tmp_path):
