@@ -5,8 +5,9 @@ model, or the offline SmolLM2-135M when the Hub is unreachable) twice: alone, th
 core busy with matmuls for the whole run. The planner measures the CPU's matmul peak when the run starts, so its
 estimate should follow the machine's state; run.json has the prediction and the measured training time.
 
-Run:  python bench/demo_estimate.py [--max-steps N] [--only quiet|busy]   (the whole demo: ~50 min on a 2-core AVX2 CPU in fp32;
-      --max-steps 20: the demo's data and settings, its first 20 steps, ~17 min)
+Run:  python bench/demo_estimate.py [--max-steps N] [--only quiet|busy]
+      (the whole demo, both runs: ~50 min on a 2-core AVX2 CPU in fp32, ~14 min quiet and ~35 busy;
+      --max-steps 20: the demo's data and settings, its first 20 steps)
 """
 from __future__ import annotations
 

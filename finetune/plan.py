@@ -91,13 +91,13 @@ WARMUP_STEPS = {"cpu": 1.5}
 # Checkpointing also costs a fixed ~0.3 s per micro-batch on the CPU (per-layer save/restore bookkeeping):
 # at batch 1 it made steps 1.65x slower, not the 1.25x of recomputing the forward (bench/planner.py).
 CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
-# Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the
-# run itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
-# 2026-11-30, bench/quality.py's runs came within 1-15 %). bf16 was fitted under load at 0.47 eager / 0.37 flash:
-# on a quiet machine the default run then took 200 s for 279 s predicted, under load 279 s; x1.19 puts the
-# estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35; on the H200 the one run with real compute in it
-# (1.1B shape, 16 x 404-token rows) spent ~1.5 s beyond the launch overhead on 4.7e14 FLOPs: 0.31 of the datasheet
-# peak (the measured bf16 matmul peak there: 783 TFLOP/s). Other GPUs: unmeasured.
+# Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the run
+# itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
+# 2026-11-30, bench/quality.py's runs came within 1-15 %; the whole demo there, 2026-12-01: -17 %). bf16 was fitted
+# under load at 0.47 eager / 0.37 flash: on a quiet machine the default run then took 200 s for 279 s predicted, under
+# load 279 s; x1.19 puts the estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35; on the H200 the one run
+# with real compute in it (1.1B shape, 16 x 404-token rows) spent ~1.5 s beyond the launch overhead on 4.7e14 FLOPs:
+# 0.31 of the datasheet peak (the measured bf16 matmul peak there: 783 TFLOP/s). Other GPUs: unmeasured.
 EFFICIENCY_GPU = 0.35
 # Other processes' load (hardware.measure_cpu_busy) from which a low CPU probe is the machine's state, not a blip.
 BUSY_CORES_MIN = 0.5

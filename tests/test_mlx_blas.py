@@ -34,11 +34,13 @@ def test_mlx_cpu_matmuls_bind_to_openblas_only_when_loaded_first():
 
 def _torch_blas_bindings(code: str) -> list[str]:
     """libtorch_cpu's BLAS symbols the dynamic linker bound to the system OpenBLAS while running `code`."""
-    code = "import sys; sys.path.insert(0, %r)\n" % ROOT + code + "\nimport torch; torch.ones(64, 64) @ torch.ones(64, 64)\n"
+    code = ("import sys; sys.path.insert(0, %r)\n" % ROOT + code
+            + "\nimport torch; torch.ones(64, 64) @ torch.ones(64, 64)\n")
     env = {**os.environ, "LD_DEBUG": "bindings"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return [line for line in done.stderr.splitlines() if "libtorch_cpu.so" in line and "libopenblas" in line.split(" to ")[-1]]
+    return [line for line in done.stderr.splitlines()
+            if "libtorch_cpu.so" in line and "libopenblas" in line.split(" to ")[-1]]
 
 
 @pytest.mark.skipif(not find_openblas(), reason="needs a system OpenBLAS (setup_environment.sh installs it as root)")
