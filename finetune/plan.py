@@ -327,10 +327,9 @@ def _peak_flops(hw: Hardware, device: str, dtype: str, attention: str = "sdpa") 
         # otherwise idle: a neighbour passing by can halve a probe for seconds (measured: 1 s probes read 112-180 G
         # fp32, 214-415 G bf16 on one host) while a minutes-long run averages it out. When other processes were
         # holding cores as the run started, the low reading is the machine's state, and the run gets about that.
-        busy = hw.cpu_busy_cores or 0.0
         if measured * 1e9 >= table:
             return measured * 1e9, eff, "measured"
-        if busy >= BUSY_CORES_MIN:
+        if (busy := hw.cpu_busy_cores or 0.0) >= BUSY_CORES_MIN:
             return measured * 1e9, eff, f"measured while other processes kept {busy:g} of {hw.cpu_cores} cores busy"
         return table, eff, f"table for this CPU; this run's probe read {measured:.0f} GFLOP/s, below it"
     return table, eff, "table"

@@ -14,15 +14,20 @@ from finetune.hardware import find_openblas
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _linker_bindings(code: str) -> list[str]:
+    """The dynamic linker's symbol bindings (LD_DEBUG) while a fresh Python runs `code` from the repository."""
+    env = {**os.environ, "LD_DEBUG": "bindings"}
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % ROOT + code], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr.splitlines()
+
+
 def _bindings(preload: bool) -> str:
     """Which library libmlx.so's cblas_sgemm binds to, as the dynamic linker reports it (LD_DEBUG)."""
-    code = ("import sys; sys.path.insert(0, %r)\n" % ROOT
-            + ("from backends.mlx_blas import use_openblas; assert use_openblas()\n" if preload else "")
+    code = (("from backends.mlx_blas import use_openblas; assert use_openblas()\n" if preload else "")
             + "import mlx.core as mx; a = mx.ones((64, 64)); mx.eval(a @ a); assert float((a @ a)[0, 0]) == 64.0\n")
-    env = {**os.environ, "LD_DEBUG": "bindings"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return next(line for line in done.stderr.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line)
+    return next(line for line in _linker_bindings(code) if "libmlx.so" in line and "`cblas_sgemm'" in line)
 
 
 @pytest.mark.skipif(not (hardware.detect().mlx_device == "cpu" and find_openblas()),
@@ -34,13 +39,8 @@ def test_mlx_cpu_matmuls_bind_to_openblas_only_when_loaded_first():
 
 def _torch_blas_bindings(code: str) -> list[str]:
     """libtorch_cpu's BLAS symbols the dynamic linker bound to the system OpenBLAS while running `code`."""
-    code = ("import sys; sys.path.insert(0, %r)\n" % ROOT + code
-            + "\nimport torch; torch.ones(64, 64) @ torch.ones(64, 64)\n")
-    env = {**os.environ, "LD_DEBUG": "bindings"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return [line for line in done.stderr.splitlines()
-            if "libtorch_cpu.so" in line and "libopenblas" in line.split(" to ")[-1]]
+    lines = _linker_bindings(code + "\nimport torch; torch.ones(64, 64) @ torch.ones(64, 64)\n")
+    return [line for line in lines if "libtorch_cpu.so" in line and "libopenblas" in line.split(" to ")[-1]]
 
 
 @pytest.mark.skipif(not find_openblas(), reason="needs a system OpenBLAS (setup_environment.sh installs it as root)")
