@@ -12,9 +12,10 @@ mean and the spread; the held-out split is always drawn with seed 42).
                  the model's own loss (mean over the batch's trained tokens, our assistant-only labels)
   finetune       `python -m finetune train` with only steps/batch/lr/rank/alpha/max length set: our defaults
   finetune+K=V   the same with setting K=V (an ablation, e.g. finetune+DTYPE=fp32, finetune+GROUP_BY_LENGTH=true);
-                 a dotted K sets a module constant instead (finetune+loop.WSD_DECAY_SHARE=0.1)
+                 a dotted K sets a module constant instead (finetune+schedule.WSD_DECAY_SHARE=0.1)
   mlx_lm.lora    mlx-lm's trainer as `mlx_lm.lora --train --iters N --batch-size B --learning-rate LR` runs it: its
-                 defaults for the rest (rank 8, scale 20, last 16 layers, Adam, constant lr, prompt not masked)
+                 defaults for the rest (rank 8, scale 20, last 16 layers, Adam, constant lr, prompt not masked);
+                 on mlx[cpu] the weights are cast to fp32, as our backend trains there (no bf16 BLAS on the CPU)
   finetune-mlx   `finetune train` with BACKEND=mlx
 The evaluator: base model in fp32 + the variant's adapter as PEFT (MLX adapters converted by finetune.interop), mean
 cross-entropy per trained token (assistant tokens; every token for text rows) of the workload's 200 held-out rows,
@@ -169,7 +170,7 @@ def run_finetune(a, info, tok) -> dict:
            "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(a.seed), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
            "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
-    patches = []  # module.CONSTANT=value: an ablation of a constant that is not a setting (e.g. loop.WSD_DECAY_SHARE)
+    patches = []  # module.CONSTANT=value: an ablation of a constant that is not a setting (e.g. schedule.PLATEAU_RATIO)
     for setting in a.variant.split("+")[1:]:
         key, _, value = setting.partition("=")
         if "." in key:
@@ -208,6 +209,8 @@ def run_mlx_lm(a, info, tok) -> dict:
     np.random.seed(a.seed)  # what mlx_lm.lora's main does with --seed
     mx.random.seed(a.seed)
     model, mtok = load(info.path)
+    if mx.default_device() == mx.cpu:  # mlx[cpu] has no bf16 BLAS: the stored bf16 weights ran ~30x slower (a
+        model.set_dtype(mx.float32)    # 20-step run took > 25 min); our MLX backend trains fp32 on a CPU too
     model.freeze()
     params = {"rank": 8, "scale": 20.0, "dropout": 0.0}
     linear_to_lora_layers(model, 16, params)

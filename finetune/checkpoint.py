@@ -32,6 +32,8 @@ class LoopState:
     records: list[dict] = field(default_factory=list)   # metrics.jsonl so far
     oom_events: list[dict] = field(default_factory=list)
     skipped_steps: int = 0         # steps whose loss or gradient was not finite: counted, never applied
+    losses: list[float] = field(default_factory=list)   # each applied step's train loss (LR_SCHEDULER=auto reads it)
+    decay_from: int | None = None  # LR_SCHEDULER=auto: the step after which the loss had flattened and the LR decays
 
     def to_dict(self) -> dict:
         return asdict(self)

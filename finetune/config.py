@@ -72,9 +72,10 @@ class Config:
     max_new_tokens: int = field(default=64, metadata=_opt("generation length in evaluation", lo=1))
     logging_steps: int = field(default=5, metadata=_opt("log train loss every N steps", lo=1))
     eval_steps: int | None = field(default=None, metadata=_opt("eval loss every N steps (auto: 5 times a run)", lo=1))
-    lr_scheduler: str = field(default="constant", metadata=_opt(
-        "learning-rate decay after warmup (wsd: constant, then linear over the last 20% of steps)",
-        choices=("cosine", "linear", "constant", "wsd")))
+    lr_scheduler: str = field(default="auto", metadata=_opt(
+        "learning-rate schedule after warmup (auto: constant until the training loss flattens, then linear to zero; "
+        "wsd: constant, then linear over the last 20% of steps)",
+        choices=("auto", "constant", "linear", "cosine", "wsd")))
     warmup_ratio: float = field(default=0.05, metadata=_opt("share of steps spent warming up the LR", lo=0, hi=0.5))
     save_steps: int | None = field(default=None, metadata=_opt(
         "checkpoint every N steps (auto: every ~10 minutes or 10% of the run, whichever comes first)", lo=1))

@@ -77,7 +77,8 @@ def model_card(record: dict, repo: str, what: str) -> str:
              "", "## Settings", "",
              f"- LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']:g}, dropout {cfg['lora_dropout']:g}, all linear layers",
              f"- {record['result']['steps'] if record.get('result') else cfg['max_steps']} steps x batch "
-             f"{cfg['batch_size']} x accumulation {cfg['grad_accum']}, lr {cfg['learning_rate']:g} ({cfg['lr_scheduler']})",
+             f"{cfg['batch_size']} x accumulation {cfg['grad_accum']}, lr {cfg['learning_rate']:g} "
+             f"{outputs.schedule_words(cfg, record.get('result') or {})}",
              f"- {record['plan']['backend']} on {record['plan']['device']}, {record['plan']['dtype']}"]
     if table:
         lines += ["", "## Before / after (held-out rows)", "", table]

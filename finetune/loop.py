@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune import checkpoint, methods
+from finetune import checkpoint, methods, schedule
 from finetune.checkpoint import LoopState  # noqa: F401 - train and callers use loop.LoopState too
 from finetune.errors import UserError, first_line
+from finetune.schedule import learning_rate  # noqa: F401 - tests and callers use loop.learning_rate too
 from finetune.world import Lost, World
 
 GROUP_STEPS = 8  # GROUP_BY_LENGTH: rows are sorted by length inside windows of this many steps
@@ -146,27 +147,6 @@ class DataOrder:
         return out
 
 
-WSD_DECAY_SHARE = 0.2  # wsd: the last fifth of the steps decays linearly
-
-
-def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedule: str) -> float:
-    """LR for optimizer update number `update` (1-based): linear warmup, then constant / linear / cosine decay, or
-    wsd (warmup-stable-decay: constant, then linear over the last WSD_DECAY_SHARE of the steps). A decay ends one
-    update past the last, so no update is made with a zero learning rate."""
-    if warmup and update <= warmup:
-        return peak * update / warmup
-    if schedule == "constant":
-        return peak
-    if schedule == "wsd":
-        decay = max(1, round(WSD_DECAY_SHARE * max_steps))
-        left = max_steps - update + 1  # updates still to make, this one included
-        return peak if left > decay else peak * left / (decay + 1)
-    progress = (update - warmup - 1) / max(1, max_steps - warmup)
-    if schedule == "linear":
-        return peak * (1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def run(session, method, prepared, cfg, plan, run_dir: str, progress, state: LoopState, stop: StopRequest) -> LoopResult:
     """The steps. In a distributed run (session.world) every process runs this same loop on the same rows; each
     trains its share of a step, and only rank 0 saves, evaluates and reports."""
@@ -190,6 +170,8 @@ def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopS
     items, save_every = prepared.train, plan.save_steps
     window: list[float] = []
     final_loss, bad_in_row = None, 0
+    # auto: a loss that measures progress decides when the LR decays (GRPO's is a policy-gradient surrogate: it does not)
+    watch_plateau = cfg.lr_scheduler == "auto" and getattr(method, "LOSS_SHOWS_PROGRESS", True)
     if world.writer and checkpoint.latest(run_dir) is None:
         checkpoint.save(run_dir, session, state, cfg.save_total)  # step 0: what OOM recovery falls back to
     while state.step < plan.max_steps:
@@ -200,7 +182,8 @@ def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopS
         indices = order.take(state.position, per_step)
         rng = np.random.default_rng([cfg.seed, state.step, 7])
         session.reseed(int(rng.integers(2**31)))  # every random draw of a step depends on (SEED, step) only
-        lr = learning_rate(state.step + 1, plan.max_steps, warmup, cfg.learning_rate, cfg.lr_scheduler)
+        lr = learning_rate(state.step + 1, plan.max_steps, warmup, cfg.learning_rate, cfg.lr_scheduler,
+                           state.decay_from)
         started = time.perf_counter()
         try:
             batch = method.make_batch(session, [items[i] for i in indices], cfg, rng)
@@ -233,6 +216,12 @@ def _steps(session, method, prepared, cfg, plan, run_dir, progress, state: LoopS
             bad_in_row = 0
             window.append(stats["loss"])
             final_loss = stats["loss"]
+            state.losses.append(float(stats["loss"]))
+        if watch_plateau and state.decay_from is None and warmup < state.step < plan.max_steps - 1 and world.any(
+                schedule.plateaued(state.losses)):  # any(): every process decays from the same step
+            state.decay_from = state.step
+            print(f"step {state.step}: the training loss has flattened; the learning rate now decays linearly to zero "
+                  f"over the last {plan.max_steps - state.step} steps (LR_SCHEDULER=auto)", flush=True)
         if window and (state.step % cfg.logging_steps == 0 or state.step == plan.max_steps):
             record = {"step": state.step, "tokens": state.tokens_seen, "loss": sum(window) / len(window), "lr": lr,
                       **{k: v for k, v in stats.items() if k not in ("loss", "tokens") and _finite(v)}}

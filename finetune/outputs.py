@@ -197,7 +197,7 @@ def report_text(run: dict, before: dict, after: dict) -> str:
         f"- backend: {plan['backend']} on {plan['device']}, dtype {plan['dtype']}, quantize {plan['quantize']}, "
         f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
         f"- steps: {result['steps']} x batch {plan['batch_size']} x accum {plan['grad_accum']}, "
-        f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g}, lr {cfg['learning_rate']:g}",
+        f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g}, lr {cfg['learning_rate']:g} {schedule_words(cfg, result)}",
         f"- time: {result['train_seconds']:.1f} s training, {result['tokens_per_s']:,.0f} tokens/s "
         f"(predicted {plan['est_seconds']:.0f} s)",
         f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB",
@@ -248,3 +248,14 @@ def model_ref(run: dict) -> str:
 
 def write_report(path: str, run: dict, before: dict, after: dict) -> None:
     fsio.write_text(path, report_text(run, before, after))
+
+
+def schedule_words(cfg: dict, result: dict) -> str:
+    """How the learning rate moved: for auto, whether (and from which step) the run decayed it."""
+    if cfg.get("lr_scheduler") != "auto":
+        return f"({cfg.get('lr_scheduler')})"
+    if "lr_decay_from" not in result:  # a run that stopped early, or one recorded before auto existed
+        return "(auto)"
+    start = result["lr_decay_from"]
+    return "(auto: constant to the end, the loss never flattened)" if start is None else (
+        f"(auto: constant to step {start}, where the loss flattened, then linear to zero)")

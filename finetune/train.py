@@ -355,7 +355,7 @@ def _session(cfg, record, run_dir, backend, plan, model, tokenizer, method, prep
                      "final_train_loss": result.final_train_loss, "peak_memory_gb": session.peak_memory_gb(),
                      "predicted_peak_gb": plan.predicted_peak_gb, "predicted_seconds": plan.est_seconds,
                      "total_seconds": time.perf_counter() - t0, "oom_events": state.oom_events,
-                     "skipped_steps": state.skipped_steps,
+                     "skipped_steps": state.skipped_steps, "lr_decay_from": state.decay_from,
                      "extra": session.describe()}
     record.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), result=result_record,
                   step_reached=state.step, evaluation={"before": before.to_dict(), "after": after.to_dict()},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from finetune.loop import GROUP_STEPS, DataOrder, learning_rate
 
@@ -63,3 +64,26 @@ def test_a_step_is_cut_where_padding_costs_more_than_a_micro_batch():
         assert all(0 < b - a <= size for a, b in runs)
         fixed = sum(lengths[i] * len(lengths[i:i + size]) + overhead for i in range(0, len(lengths), size))
         assert sum((b - a) * lengths[a] + overhead for a, b in runs) <= fixed + 1e-9  # never costlier than fixed
+
+
+def test_auto_holds_the_peak_until_a_plateau_then_decays_linearly_to_the_end():
+    assert [learning_rate(u, 100, 5, 1.0, "auto") for u in (1, 5, 6, 100)] == [0.2, 1.0, 1.0, 1.0]  # no plateau yet
+    after = [learning_rate(u, 100, 5, 1.0, "auto", decay_from=60) for u in range(61, 101)]
+    assert after[0] == pytest.approx(40 / 41) and after[-1] == pytest.approx(1 / 41)
+    assert all(a - b == pytest.approx(1 / 41) for a, b in zip(after, after[1:]))
+
+
+def test_the_plateau_test_finds_a_flat_curve_but_not_a_short_noisy_or_still_falling_one():
+    from finetune.schedule import PLATEAU_MIN_STEPS, plateaued
+
+    rng = np.random.default_rng(0)
+    noise = 0.25 * rng.standard_normal(200)
+    steps = np.arange(200)
+    flattens = 3 * np.exp(-steps / 12) + 1 + noise    # one row per step: flat by ~step 50
+    falling = 4 - 0.015 * steps + noise                # still learning at a steady pace
+    first = next(n for n in range(1, 201) if plateaued(list(flattens[:n])))
+    assert 40 <= first <= 120
+    assert not any(plateaued(list(falling[:n])) for n in range(1, 201))
+    assert not plateaued(list(flattens[:PLATEAU_MIN_STEPS - 1]))   # too few losses to judge
+    assert not plateaued(list(1 + noise[:100]))                    # never fell: a wrong rate, not a plateau
+    assert not plateaued(list(2 + 0.01 * steps[:100]))             # rising

@@ -283,3 +283,48 @@ def test_inputs_that_used_to_crash_are_one_line_errors(case, run_env, tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not os.path.exists("/proc/finetune-run")
+
+
+def test_auto_schedule_decays_from_the_plateau_and_a_resumed_run_decays_from_the_same_step(run_env, tmp_path,
+                                                                                           monkeypatch):
+    """LR_SCHEDULER=auto (the default): the step the loss flattened at is part of the checkpoint, so a run stopped
+    after it resumes on the same decay. The plateau test is made to pass at its first chance (a huge ratio)."""
+    from backends.torch_backend import TorchSession
+    from finetune import cli, schedule
+
+    monkeypatch.setattr(schedule, "PLATEAU_RATIO", 1e9)
+    monkeypatch.setattr(schedule, "PLATEAU_HOLD", 3)
+    env = tiny_env(run_env, tmp_path / "straight", LOGGING_STEPS="1", MAX_STEPS="30")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main([]) == 0
+
+    def lrs(out):
+        return [m["lr"] for m in map(json.loads, open(out / "metrics.jsonl")) if "lr" in m]
+
+    straight = json.load(open(tmp_path / "straight" / "run.json"))
+    start = straight["result"]["lr_decay_from"]
+    assert straight["config"]["lr_scheduler"] == "auto" and schedule.PLATEAU_MIN_STEPS + 2 <= start <= 20
+    got, peak = lrs(tmp_path / "straight"), float(env["LEARNING_RATE"])
+    assert got[1:start] == [peak] * (start - 1)                 # warmup (1 step), then constant up to the plateau
+    assert all(a > b > 0 for a, b in zip(got[start - 1:], got[start:]))  # then down every step, never to zero
+    assert len(got) == 30 and got[-1] == pytest.approx(peak / (30 - start + 1))
+    assert f"(auto: constant to step {start}, where the loss flattened" in open(tmp_path / "straight" / "report.md").read()
+
+    original, calls = TorchSession.train_step, {"n": 0}
+
+    def interrupted(self, batch, micro_batch, lr):
+        calls["n"] += 1
+        if calls["n"] == start + 4:  # Ctrl-C during a step after the decay began: the loop finishes it and saves
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, micro_batch, lr)
+
+    monkeypatch.setattr(TorchSession, "train_step", interrupted)
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "stopped"))
+    assert cli.main([]) == 130
+    monkeypatch.setattr(TorchSession, "train_step", original)
+    assert cli.main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    resumed = json.load(open(tmp_path / "stopped" / "run.json"))
+    assert resumed["result"]["lr_decay_from"] == start
+    assert lrs(tmp_path / "stopped") == got
+    assert final_loss(tmp_path / "stopped") == pytest.approx(final_loss(tmp_path / "straight"), rel=1e-4)

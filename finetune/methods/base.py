@@ -19,7 +19,9 @@ class Method(Protocol):
     SAMPLE_DIR: str    # the shipped sample data (DATASET=sample)
     # Optional: LEARNING_RATE -- this method's default when LEARNING_RATE is not set (preference losses need a far
     # smaller one than SFT); `defaults(cfg, prepared) -> dict` -- other auto settings it decides (beta, rpo_alpha);
-    # EVAL_LOSS_LABEL -- what its eval loss is, for the report. Metrics named "*accuracy" are shown as percents.
+    # EVAL_LOSS_LABEL -- what its eval loss is, for the report; LOSS_SHOWS_PROGRESS = False -- its training loss
+    # does not fall as it learns (GRPO), so LR_SCHEDULER=auto keeps the rate constant. Metrics named "*accuracy" are
+    # shown as percents.
 
     def read(self, cfg) -> Rows: ...                                 # read + validate every row, before any weights
     def prepare(self, rows: Rows, tokenizer, cfg) -> Prepared: ...   # token ids and loss masks (finetune.template);
