@@ -52,8 +52,8 @@ def plateaued(losses: list[float], ratio: float | None = None) -> bool:
     too low or too high) is not a plateau."""
     ratio = PLATEAU_RATIO if ratio is None else ratio
     y = np.asarray(losses, dtype=np.float64)
-    first = PLATEAU_MIN_STEPS + PLATEAU_HOLD - 1
-    return len(y) >= first and all(_flat(y[:n], ratio) for n in range(len(y) - PLATEAU_HOLD + 1, len(y) + 1))
+    needed = PLATEAU_MIN_STEPS + PLATEAU_HOLD - 1  # the first of the held steps is judged on MIN_STEPS losses
+    return len(y) >= needed and all(_flat(y[:n], ratio) for n in range(len(y) - PLATEAU_HOLD + 1, len(y) + 1))
 
 
 def _flat(y: np.ndarray, ratio: float) -> bool:
