@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from finetune.errors import UserError
 from finetune.methods import NAMES as METHOD_NAMES
+from finetune.schedule import SCHEDULES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 SAMPLE_DATASET = "sample"  # the shipped dataset (data/sample/), see finetune/sample_data.py
@@ -75,7 +76,7 @@ class Config:
     lr_scheduler: str = field(default="auto", metadata=_opt(
         "learning-rate schedule after warmup (auto: constant until the training loss flattens, then linear to zero; "
         "wsd: constant, then linear over the last 20% of steps)",
-        choices=("auto", "constant", "linear", "cosine", "wsd")))
+        choices=SCHEDULES))
     warmup_ratio: float = field(default=0.05, metadata=_opt("share of steps spent warming up the LR", lo=0, hi=0.5))
     save_steps: int | None = field(default=None, metadata=_opt(
         "checkpoint every N steps (auto: every ~10 minutes or 10% of the run, whichever comes first)", lo=1))

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-SCHEDULES = ("auto", "constant", "linear", "cosine", "wsd")
+SCHEDULES = ("auto", "constant", "linear", "cosine", "wsd")  # LR_SCHEDULER's values (config.py checks them)
 WSD_DECAY_SHARE = 0.2    # wsd: the last fifth of the steps decays linearly
 PLATEAU_RATIO = 0.4      # auto: flat = the recent fall per step is under this share of the early fall per step ...
 PLATEAU_STDERRS = 2.0    # ... even this many standard errors on the generous side ...
@@ -43,20 +43,19 @@ def learning_rate(update: int, max_steps: int, warmup: int, peak: float, schedul
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def plateaued(losses: list[float], ratio: float | None = None) -> bool:
+def plateaued(losses: list[float]) -> bool:
     """Has this training-loss curve (one loss per step, oldest first) flattened? Flat means: the fall per step over
-    the recent half of the steps, even PLATEAU_STDERRS standard errors on the generous side, is under `ratio` of the
-    fall per step from the first quarter to that half -- and that held at each of the last PLATEAU_HOLD steps.
+    the recent half of the steps, even PLATEAU_STDERRS standard errors on the generous side, is under PLATEAU_RATIO
+    of the fall per step from the first quarter to that half -- and that held at each of the last PLATEAU_HOLD steps.
     Checked at every step, a one-off test would fire on a noisy curve (one row per step) that is still falling
     steadily; the margin and the hold keep that rare (tests/test_loop.py). A curve that never fell (a rate far
     too low or too high) is not a plateau."""
-    ratio = PLATEAU_RATIO if ratio is None else ratio
     y = np.asarray(losses, dtype=np.float64)
     needed = PLATEAU_MIN_STEPS + PLATEAU_HOLD - 1  # the first of the held steps is judged on MIN_STEPS losses
-    return len(y) >= needed and all(_flat(y[:n], ratio) for n in range(len(y) - PLATEAU_HOLD + 1, len(y) + 1))
+    return len(y) >= needed and all(_flat(y[:n]) for n in range(len(y) - PLATEAU_HOLD + 1, len(y) + 1))
 
 
-def _flat(y: np.ndarray, ratio: float) -> bool:
+def _flat(y: np.ndarray) -> bool:
     n = len(y)
     first, recent = y[: n // 4], y[n // 2:]
     x = np.arange(len(recent), dtype=np.float64)
@@ -65,4 +64,4 @@ def _flat(y: np.ndarray, ratio: float) -> bool:
     resid = recent - recent.mean() - slope * x
     stderr = math.sqrt(float((resid * resid).sum()) / max(1, len(recent) - 2) / float((x * x).sum()))
     early = (first.mean() - recent.mean()) / ((n // 2 + (len(recent) - 1) / 2) - (len(first) - 1) / 2)
-    return bool(early > 0 and -slope + PLATEAU_STDERRS * stderr < ratio * early)
+    return bool(early > 0 and -slope + PLATEAU_STDERRS * stderr < PLATEAU_RATIO * early)
