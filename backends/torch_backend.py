@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from finetune import fsio
-from finetune.hardware import GB
+from finetune.hardware import GB, keep_freed_memory
 from finetune.world import World, torchrun_env
 from backends.torch_build import build_peft_model, compute_dtype, make_optimizer, repage_optimizer_state
 from finetune.methods import micro_batches
@@ -95,8 +95,10 @@ class TorchSession:
         self.device, self.dtype = plan.device, compute_dtype(plan)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.world = World()  # train sets the run's processes after joining them (finetune/world.py)
+        self.malloc_keeps = False
         if plan.device == "cpu":  # processes of a distributed run share this machine's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // torchrun_env()[2]))
+            self.malloc_keeps = keep_freed_memory()  # activations are reused, not page-faulted back each step
         torch.manual_seed(cfg.seed)
         self.model = builder(cfg, plan, model, adapter)
         self.sharded = getattr(plan, "fsdp", False)  # FSDP: every process runs the same forwards (torch_dist.shard)
@@ -394,6 +396,8 @@ class TorchSession:
                "attention": self.base.config._attn_implementation,
                # PEFT's all-linear; on MoE types it also wraps transformers 5's fused 3-D expert weights ("experts")
                "lora_targets": self.lora_targets}
+        if self.device == "cpu":
+            out["malloc_keeps_freed"] = self.malloc_keeps
         if self.sharded:
             from backends.torch_dist import held_share
 

@@ -26,6 +26,7 @@ Run:  python bench/quality.py                        (torch grid: 5 workloads x 
       python bench/quality.py --backend mlx --lrs 1e-3
       python bench/quality.py --workloads mixed --lrs 1e-3 --variants finetune,finetune+GROUP_BY_LENGTH=true
       python bench/quality.py --workloads mixed --lrs 1e-3 --seeds 1,2,42 --variants trl-defaults,finetune
+      python bench/quality.py --backend mlx --lrs default   (each side at its own default learning rate)
       python bench/quality.py --print                 (the table of what --results holds)
 """
 from __future__ import annotations
@@ -120,7 +121,8 @@ def run_trl(a, info, tok) -> dict:
     from finetune import hardware
 
     bf16 = {} if hardware.detect().cpu_bf16 else {"bf16": False}
-    cfg = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
+    lr = {} if a.lr is None else {"learning_rate": a.lr}  # --lrs default: SFTConfig's own
+    cfg = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch, **lr,
                     max_length=a.max_len, use_cpu=True, save_strategy="no", report_to=[], disable_tqdm=True,
                     include_num_input_tokens_seen="non_padding", seed=a.seed, **bf16)
     trainer = SFTTrainer(model=info.path, args=cfg, train_dataset=ds, peft_config=lora())
@@ -130,7 +132,7 @@ def run_trl(a, info, tok) -> dict:
     seconds = time.perf_counter() - t
     trainer.model.save_pretrained(out)
     return {"seconds": seconds, "tokens": int(trainer.state.num_input_tokens_seen), "adapter": out,
-            "notes": f"ckpt {cfg.gradient_checkpointing}, bf16 {cfg.bf16}, {cfg.lr_scheduler_type}"}
+            "notes": f"lr {cfg.learning_rate:g}, ckpt {cfg.gradient_checkpointing}, bf16 {cfg.bf16}, {cfg.lr_scheduler_type}"}
 
 
 def run_plain(a, info, tok) -> dict:
@@ -141,6 +143,8 @@ def run_plain(a, info, tok) -> dict:
 
     from finetune.template import pad_batch
 
+    if a.lr is None:
+        raise SystemExit("plain-fp32 has no default learning rate: give --lrs numbers")
     torch.manual_seed(a.seed)
     rows = encoded(a.workload, tok, "train")
     m = get_peft_model(AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32), lora())
@@ -166,10 +170,14 @@ def run_plain(a, info, tok) -> dict:
 def run_finetune(a, info, tok) -> dict:
     out = os.path.join(tempfile.mkdtemp(prefix="bench-ft-"), "run")
     env = {**os.environ, "MODEL": MODEL, "DATASET": os.path.join(DATA_ROOT, a.workload), "MAX_STEPS": str(a.steps),
-           "BATCH_SIZE": str(a.batch), "GRAD_ACCUM": "1", "LEARNING_RATE": str(a.lr), "LORA_R": str(RANK),
+           "BATCH_SIZE": str(a.batch), "GRAD_ACCUM": "1", "LORA_R": str(RANK),
            "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(a.seed), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
            "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
+    if a.lr is not None:  # --lrs default: the method's own (config.py)
+        env["LEARNING_RATE"] = str(a.lr)
+    else:
+        env.pop("LEARNING_RATE", None)
     patches = []  # module.CONSTANT=value: an ablation of a constant that is not a setting (e.g. schedule.PLATEAU_RATIO)
     for setting in a.variant.split("+")[1:]:
         key, _, value = setting.partition("=")
@@ -187,7 +195,8 @@ def run_finetune(a, info, tok) -> dict:
     r, plan = run["result"], run["plan"]
     return {"seconds": r["train_seconds"], "tokens": r["tokens_seen"], "adapter": out,
             "predicted_seconds": plan.get("est_seconds"),
-            "notes": f"{plan['dtype']}, ckpt {plan['gradient_checkpointing']}, {run['config']['lr_scheduler']}"}
+            "notes": f"lr {run['config']['learning_rate']:g}, {plan['dtype']}, ckpt {plan['gradient_checkpointing']}, "
+                     f"{run['config']['lr_scheduler']}"}
 
 
 def run_mlx_lm(a, info, tok) -> dict:
@@ -197,6 +206,7 @@ def run_mlx_lm(a, info, tok) -> dict:
     use_openblas()  # the BLAS our MLX backend gets too
     import mlx.optimizers as optim
     from mlx_lm import load
+    from mlx_lm.lora import CONFIG_DEFAULTS
     from mlx_lm.tuner import trainer as mt
     from mlx_lm.tuner.datasets import CacheDataset, ChatDataset, TextDataset
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -235,14 +245,15 @@ def run_mlx_lm(a, info, tok) -> dict:
     targs = mt.TrainingArgs(batch_size=a.batch, iters=a.steps, steps_per_report=1, steps_per_eval=10 ** 6,
                             steps_per_save=10 ** 6, max_seq_length=a.max_len, adapter_file=adapter)
     t = time.perf_counter()
-    mt.train(model, optim.Adam(learning_rate=a.lr), CacheDataset(ds), None, targs, iterate_batches=counting,
+    lr = CONFIG_DEFAULTS["learning_rate"] if a.lr is None else a.lr  # --lrs default: mlx_lm.lora's own
+    mt.train(model, optim.Adam(learning_rate=lr), CacheDataset(ds), None, targs, iterate_batches=counting,
              training_callback=Clock())
     seconds = time.perf_counter() - t
     with open(os.path.join(work, "adapter_config.json"), "w") as fh:
         json.dump({"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": params}, fh)
     peft_dir = os.path.join(work, "peft")
     interop.mlx_to_peft(work, peft_dir, info.path)
-    return {"seconds": seconds, "tokens": seen["tokens"], "adapter": peft_dir, "notes": "rank 8, scale 20, 16 layers"}
+    return {"seconds": seconds, "tokens": seen["tokens"], "adapter": peft_dir, "notes": f"lr {lr:g}, rank 8, scale 20, 16 layers"}
 
 
 RUNNERS = {"trl-defaults": run_trl, "plain-fp32": run_plain, "mlx_lm.lora": run_mlx_lm}
@@ -303,14 +314,15 @@ def table(results: list[dict]) -> str:
                 continue
             n = f", n={x['n']} {x['spread'][0]:.3f}-{x['spread'][1]:.3f}" if x["n"] > 1 else ""
             vals.append(f"{x['eval_loss']:.3f} ({x['tokens'] / x['seconds']:,.0f} t/s{n})")
-        lines.append(f"| {w} ({steps}x{batch}) | {lr:g} | {'-' if base is None else f'{base:.3f}'} | " + " | ".join(vals) + " |")
+        lines.append(f"| {w} ({steps}x{batch}) | {lr if isinstance(lr, str) else f'{lr:g}'} | {'-' if base is None else f'{base:.3f}'} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default=",".join(workloads.GRID))
-    p.add_argument("--lrs", default="1e-4,1e-3")
+    p.add_argument("--lrs", default="1e-4,1e-3", help="comma-separated; 'default': each variant's own default rate "
+                   "(mlx_lm.lora 1e-5 at scale 20, finetune's LEARNING_RATE=auto, SFTConfig's)")
     p.add_argument("--backend", choices=("torch", "mlx"), default="torch")
     p.add_argument("--variants", help="comma-separated; default: the backend's three/two variants")
     p.add_argument("--results", default=os.path.join(BENCH, "quality_results.jsonl"))
@@ -320,7 +332,8 @@ def main() -> None:
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:
-        a.steps, a.batch, a.max_len, a.lr = int(a.steps), int(a.batch), int(a.max_len), float(a.lr)
+        a.steps, a.batch, a.max_len = int(a.steps), int(a.batch), int(a.max_len)
+        a.lr = None if a.lr == "default" else float(a.lr)
         a.seed = int(a.seed or SEED)
         return one(a)
     done = [json.loads(x) for x in open(a.results)] if os.path.exists(a.results) else []
@@ -332,7 +345,7 @@ def main() -> None:
     for name in a.workloads.split(","):
         workloads.write(name, DATA_ROOT)
         steps, batch, max_len = workloads.SPECS[name]
-        for lr in (float(x) for x in a.lrs.split(",")):
+        for lr in (x if x == "default" else float(x) for x in a.lrs.split(",")):
             for v, seed in ((v, int(s)) for v in variants for s in a.seeds.split(",")):
                 cmd = [sys.executable, __file__, "--variant", v, "--workload", name, "--steps", str(steps), "--batch",
                        str(batch), "--max-len", str(max_len), "--lr", str(lr), "--seed", str(seed)]
@@ -348,7 +361,7 @@ def main() -> None:
                 with open(a.results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 shown = {k: rec[k] for k in ("eval_loss", "seconds", "tokens", "notes", "error") if k in rec}
-                print(f"  {name} lr {lr:g} {v} seed {seed}: {shown}", flush=True)
+                print(f"  {name} lr {lr} {v} seed {seed}: {shown}", flush=True)
     print(table([r for r in done if r["variant"] in variants]))
 
 

@@ -233,6 +233,31 @@ def find_openblas() -> str | None:
     return next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None) or ctypes.util.find_library("openblas")
 
 
+# glibc's malloc hands freed memory back to the OS: every block over its mmap threshold is its own mapping, and the
+# heap is trimmed once its free top passes 2x that threshold. A training step frees its activations at the end, so
+# the next step faults them back in page by page (5-50k minor faults a step on bench/quality.py's multiturn rows,
+# each a few microseconds in a VM). Kept instead, the heap stays at the run's high-water mark: the peak the plan
+# and the report count anyway. Off in bench/allocator.py's comparison (hardware.KEEP_FREED_MEMORY=0).
+KEEP_FREED_MEMORY = True
+MALLOPT = ((-1, 1 << 30),   # M_TRIM_THRESHOLD: trim only when 1 GiB lies free at the heap's top
+           (-2, 64 << 20),  # M_TOP_PAD: grow the heap 64 MiB at a time
+           (-3, 32 << 20))  # M_MMAP_THRESHOLD: blocks under 32 MiB (glibc's maximum) come from the heap
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse (MALLOPT above). True when applied; False where the C
+    library is not glibc (macOS, musl) or KEEP_FREED_MEMORY is off."""
+    if not KEEP_FREED_MEMORY or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return all(libc.mallopt(option, value) == 1 for option, value in MALLOPT)
+
+
 def detect() -> Hardware:
     """Describe this machine. Never imports torch/mlx/transformers: doctor must answer in < 2 s."""
     os_name = platform.system()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -149,6 +150,7 @@ def test_loss_and_eval_forwards_build_no_kv_cache(tiny_model, tokenizer):
     s.train_step(sft_batch(tokenizer), 2, 1e-3)
     assert caches and all(c is None for c in caches)
     assert s.describe()["attention"] == s.plan.attention  # what run.json records: the kernel actually loaded
+    assert s.describe()["malloc_keeps_freed"] is (platform.system() == "Linux")  # a CPU session keeps freed memory
 
 
 def test_resume_keeps_a_paged_optimizer_paged(monkeypatch):
