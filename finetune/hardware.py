@@ -237,7 +237,7 @@ def find_openblas() -> str | None:
 # heap is trimmed once its free top passes 2x that threshold. A training step frees its activations at the end, so
 # the next step faults them back in page by page (5-50k minor faults a step on bench/quality.py's multiturn rows,
 # each a few microseconds in a VM). Kept instead, the heap stays at the run's high-water mark: the peak the plan
-# and the report count anyway. Off in bench/allocator.py's comparison (hardware.KEEP_FREED_MEMORY=0).
+# and the report count anyway. Off for a comparison: bench/quality.py --variants finetune+hardware.KEEP_FREED_MEMORY=0.
 KEEP_FREED_MEMORY = True
 MALLOPT = ((-1, 1 << 30),   # M_TRIM_THRESHOLD: trim only when 1 GiB lies free at the heap's top
            (-2, 64 << 20),  # M_TOP_PAD: grow the heap 64 MiB at a time
