@@ -174,7 +174,7 @@ def run_finetune(a, info, tok) -> dict:
            "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(a.seed), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
            "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
-    if a.lr is not None:  # --lrs default: the method's own (config.py)
+    if a.lr is not None:  # --lrs default: LEARNING_RATE unset, so train.py takes the method's own
         env["LEARNING_RATE"] = str(a.lr)
     else:
         env.pop("LEARNING_RATE", None)
@@ -322,7 +322,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default=",".join(workloads.GRID))
     p.add_argument("--lrs", default="1e-4,1e-3", help="comma-separated; 'default': each variant's own default rate "
-                   "(mlx_lm.lora 1e-5 at scale 20, finetune's LEARNING_RATE=auto, SFTConfig's)")
+                   "(mlx_lm.lora 1e-5 at scale 20, finetune's with LEARNING_RATE unset, SFTConfig's)")
     p.add_argument("--backend", choices=("torch", "mlx"), default="torch")
     p.add_argument("--variants", help="comma-separated; default: the backend's three/two variants")
     p.add_argument("--results", default=os.path.join(BENCH, "quality_results.jsonl"))
