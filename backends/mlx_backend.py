@@ -20,6 +20,7 @@ import numpy as np
 
 from backends.mlx_blas import use_openblas
 from finetune import interop
+from finetune.config import lora_scale
 from finetune.errors import UserError, first_line
 from finetune.hardware import GB
 from finetune.methods import micro_batches
@@ -130,7 +131,7 @@ def set_memory_limits(budget_gb: float) -> dict:
 
 
 def lora_parameters(cfg) -> dict:
-    return {"rank": cfg.lora_r, "scale": cfg.lora_alpha / cfg.lora_r, "dropout": cfg.lora_dropout}
+    return {"rank": cfg.lora_r, "scale": lora_scale(cfg), "dropout": cfg.lora_dropout}
 
 
 def linear_keys(model) -> tuple[set[str], bool]:

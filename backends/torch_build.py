@@ -41,7 +41,8 @@ def model_load_kwargs(plan) -> dict:
 
 def lora_kwargs(cfg) -> dict:
     return {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-            "use_dora": cfg.lora_type == "dora", "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+            "use_rslora": cfg.lora_scaling == "rslora", "use_dora": cfg.lora_type == "dora",
+            "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
 
 
 def optimizer_kwargs(plan) -> dict:

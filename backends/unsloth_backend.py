@@ -50,7 +50,7 @@ def unsloth_kwargs(cfg, plan, model) -> tuple[dict, dict]:
     load = {"model_name": model.path, "max_seq_length": plan.max_seq_length, "dtype": compute_dtype(plan),
             "load_in_4bit": plan.quantize == "4bit"}
     peft = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
-            "use_dora": cfg.lora_type == "dora", "random_state": cfg.seed,
+            "use_rslora": cfg.lora_scaling == "rslora", "use_dora": cfg.lora_type == "dora", "random_state": cfg.seed,
             "use_gradient_checkpointing": "unsloth" if plan.gradient_checkpointing else False}
     return load, peft
 

@@ -197,7 +197,8 @@ def report_text(run: dict, before: dict, after: dict) -> str:
         f"- backend: {plan['backend']} on {plan['device']}, dtype {plan['dtype']}, quantize {plan['quantize']}, "
         f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
         f"- steps: {result['steps']} x batch {plan['batch_size']} x accum {plan['grad_accum']}, "
-        f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g}, lr {cfg['learning_rate']:g} {schedule_words(cfg, result)}",
+        f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g} ({cfg.get('lora_scaling', 'standard')}), "
+        f"lr {cfg['learning_rate']:g} {schedule_words(cfg, result)}",
         f"- time: {result['train_seconds']:.1f} s training, {result['tokens_per_s']:,.0f} tokens/s "
         f"(predicted {plan['est_seconds']:.0f} s)",
         f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB",

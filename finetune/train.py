@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save
                      "fsdp"}
 # Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
 # resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
-ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True}
+ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True, "lora_scaling": "standard"}
 
 
 def resolved(cfg: Config, plan: planner.Plan, method, prepared, sources: dict[str, str] | None = None) -> Config:

@@ -96,8 +96,26 @@ def test_optimizer_uses_fused_kernels_where_torch_has_them():
 
 def test_lora_kwargs_and_dora():
     assert lora_kwargs(Config(lora_r=8, lora_alpha=16, lora_type="dora", lora_dropout=0.05)) == {
-        "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "use_dora": True, "target_modules": "all-linear",
-        "task_type": "CAUSAL_LM"}
+        "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "use_rslora": False, "use_dora": True,
+        "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    assert lora_kwargs(Config(lora_scaling="rslora"))["use_rslora"] is True
+
+
+@pytest.mark.parametrize("scaling, scale", [("rslora", 32 / 4), ("standard", 32 / 16)])
+def test_the_peft_model_scales_the_update_as_lora_scale_says(scaling, scale, tiny_model, tokenizer):
+    """One formula (config.lora_scale) for both backends and the report: PEFT's own scaling must agree with it,
+    or an MLX run and a torch run of the same settings would train different models."""
+    from backends.mlx_backend import lora_parameters
+    from backends.torch_backend import TorchSession
+    from finetune.config import lora_scale
+    from finetune.models import _read_config
+
+    info = info_from_config("finetune/tiny-qwen2", tiny_model, _read_config(tiny_model), is_tiny=True)
+    cfg = Config(lora_r=16, lora_alpha=32, lora_scaling=scaling)
+    s = TorchSession(cfg, plan(max_seq_length=256), info, tokenizer)
+    scales = {m.scaling["default"] for m in s.model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale) and lora_scale(cfg) == pytest.approx(scale)
+    assert lora_parameters(cfg)["scale"] == pytest.approx(scale)  # what the MLX backend's LoRA layers are built with
 
 
 def test_dora_trains_on_cpu(run_env, tmp_path):

@@ -131,9 +131,11 @@ def test_kwargs_follow_the_plan():
     plan = Plan(backend="unsloth", device="cuda", method="sft", batch_size=4, grad_accum=2, max_seq_length=512,
                 max_steps=10, eval_steps=5, save_steps=5, gradient_checkpointing=True, dtype="bf16", quantize="4bit",
                 memory_kind="vram", memory_total_gb=24, budget_gb=21, predicted_peak_gb=9)
-    load, peft = unsloth_kwargs(Config(lora_r=8, lora_alpha=16, lora_type="dora", seed=3), plan, QWEN2)
+    load, peft = unsloth_kwargs(Config(lora_r=8, lora_alpha=16, lora_type="dora", lora_scaling="rslora", seed=3), plan,
+                                QWEN2)
     assert load == {"model_name": "/models/m", "max_seq_length": 512, "dtype": torch.bfloat16, "load_in_4bit": True}
     assert peft["r"] == 8 and peft["lora_alpha"] == 16 and peft["use_dora"] and peft["random_state"] == 3
+    assert peft["use_rslora"]  # the same scale as the torch and MLX backends (config.lora_scale)
     assert peft["use_gradient_checkpointing"] == "unsloth"
 
 
