@@ -18,11 +18,11 @@ COMMANDS = ("train", "doctor", "check-data", "convert", "runs", "chat", "export"
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (the default command)")
     for name, f in FIELDS.items():
+        text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help: "10% of" read as a %o conversion
         if _base_type(f) is bool:
-            p.add_argument(flag_name(name), dest=name, action="store_const", const=True, default=None,
-                           help=f.metadata["help"])
+            p.add_argument(flag_name(name), dest=name, action="store_const", const=True, default=None, help=text)
         else:
-            p.add_argument(flag_name(name), dest=name, default=None, metavar=name.upper(), help=f.metadata["help"])
+            p.add_argument(flag_name(name), dest=name, default=None, metavar=name.upper(), help=text)
 
 
 class OneLineParser(argparse.ArgumentParser):
