@@ -75,8 +75,7 @@ def model_card(record: dict, repo: str, what: str) -> str:
              f"A {cfg['method'].upper()} {cfg['lora_type'].upper()} fine-tune of `{base_id}`, trained with "
              f"[finetune](https://github.com/) on `{record['data']['source']}` ({record['data']['train_rows']} rows).",
              "", "## Settings", "",
-             f"- LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']:g} ({cfg.get('lora_scaling', 'standard')} scaling), "
-             f"dropout {cfg['lora_dropout']:g}, all linear layers",
+             f"- {outputs.lora_words(cfg)}, dropout {cfg['lora_dropout']:g}, all linear layers",
              f"- {record['result']['steps'] if record.get('result') else cfg['max_steps']} steps x batch "
              f"{cfg['batch_size']} x accumulation {cfg['grad_accum']}, lr {cfg['learning_rate']:g} "
              f"{outputs.schedule_words(cfg, record.get('result') or {})}",

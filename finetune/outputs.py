@@ -197,8 +197,7 @@ def report_text(run: dict, before: dict, after: dict) -> str:
         f"- backend: {plan['backend']} on {plan['device']}, dtype {plan['dtype']}, quantize {plan['quantize']}, "
         f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
         f"- steps: {result['steps']} x batch {plan['batch_size']} x accum {plan['grad_accum']}, "
-        f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g} ({cfg.get('lora_scaling', 'standard')}), "
-        f"lr {cfg['learning_rate']:g} {schedule_words(cfg, result)}",
+        f"{lora_words(cfg)}, lr {cfg['learning_rate']:g} {schedule_words(cfg, result)}",
         f"- time: {result['train_seconds']:.1f} s training, {result['tokens_per_s']:,.0f} tokens/s "
         f"(predicted {plan['est_seconds']:.0f} s)",
         f"- peak memory: predicted {plan['predicted_peak_gb']:.2f} GB, measured {result['peak_memory_gb'] or 0:.2f} GB",
@@ -249,6 +248,12 @@ def model_ref(run: dict) -> str:
 
 def write_report(path: str, run: dict, before: dict, after: dict) -> None:
     fsio.write_text(path, report_text(run, before, after))
+
+
+def lora_words(cfg: dict) -> str:
+    """The adapter's shape as the report and the model card give it (a run recorded before LORA_SCALING existed
+    trained with alpha / r)."""
+    return f"LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']:g} ({cfg.get('lora_scaling', 'standard')} scaling)"
 
 
 def schedule_words(cfg: dict, result: dict) -> str:
