@@ -173,7 +173,7 @@ def run_finetune(a, info, tok) -> dict:
            "BATCH_SIZE": str(a.batch), "GRAD_ACCUM": "1", "LORA_R": str(RANK),
            "LORA_ALPHA": str(ALPHA), "MAX_SEQ_LENGTH": str(a.max_len), "SEED": str(a.seed), "EVAL_GENERATIONS": "0",
            "EVAL_ROWS": "8", "EVAL_STEPS": str(10 ** 6), "SAVE_STEPS": str(10 ** 6), "OUTPUT_DIR": out,
-           "BACKEND": "mlx" if a.variant == "finetune-mlx" else "torch"}
+           "BACKEND": "mlx" if a.variant.split("+")[0] == "finetune-mlx" else "torch"}
     if a.lr is not None:  # --lrs default: LEARNING_RATE unset, so train.py takes the method's own
         env["LEARNING_RATE"] = str(a.lr)
     else:
