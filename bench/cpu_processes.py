@@ -28,6 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import workloads  # noqa: E402  the quality bench's workloads, written deterministically
 RESULTS = os.path.join(ROOT, "bench", "results", "cpu_processes.jsonl")
 ROWS_PER_CELL = 64  # rows trained per cell: steps = 64 / rows per step
 
@@ -35,9 +37,6 @@ ROWS_PER_CELL = 64  # rows trained per cell: steps = 64 / rows per step
 def data_dir(name: str) -> str:
     if name == "sample":
         return os.path.join(ROOT, "data", "sample")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import workloads  # the quality bench's workloads, written deterministically
-
     return workloads.write(name, os.path.join(tempfile.gettempdir(), "finetune-quality-data"))
 
 
@@ -92,12 +91,13 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d")
     results = []
     for data in a.data.split(","):
+        folder = data_dir(data)  # written once, not before every run
         for rows in (int(x) for x in a.rows.split(",")):
             for rep in range(a.repeats):
                 for nproc in ((1, 2) if rep % 2 == 0 else (2, 1)):  # interleaved: drift hits both sides
                     with tempfile.TemporaryDirectory() as tmp:
                         rec = {"data": data, "date": stamp, "cpus": os.cpu_count(),
-                               **train(data_dir(data), rows, nproc, os.path.join(tmp, "run"))}
+                               **train(folder, rows, nproc, os.path.join(tmp, "run"))}
                     print(json.dumps(rec), flush=True)
                     results.append(rec)
                     with open(a.results, "a", encoding="utf-8") as fh:
