@@ -107,6 +107,7 @@ class TorchSession:
 
             shard(self.model)
         self.modes, self.generating = modes, False
+        self._lane_pool = None  # CPU lanes' threads, made at the first step that uses them (backends/torch_lanes.py)
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
         self.fast = model.model_type in FAST_PATH_TYPES
@@ -199,19 +200,30 @@ class TorchSession:
         total = 0.0
         method = methods.get(batch.method)
         failed = None
-        chunks = list(micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens))
+
+        def loss_of(chunk, extra):
+            logps, rows = self.trained_logps(chunk)
+            extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
+            ref = None
+            if method.needs_reference_tokens(self.cfg):
+                with torch.no_grad(), self.model.disable_adapter():
+                    ref = self.trained_logps(chunk)[0].detach()
+            return method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
+
+        lanes = self._lanes(batch, micro_batch, method)
+        chunks = [] if lanes else list(micro_batches(batch, micro_batch, self.plan.micro_overhead_tokens))
         real = len(chunks)
         if self.sharded:  # each pass gathers weights from every process: all run as many
             chunks += chunks[-1:] * (self.world.most(real) - real)  # (a repeat of the shortest, its loss x 0)
         try:
+            if lanes:  # (CPU, one process: backends/torch_lanes.py)
+                grads, total, parts, stats["tokens"] = lanes.run(batch, micro_batch, self.plan.micro_overhead_tokens,
+                                                                 loss_of, self.params)
+                for param, grad in zip(self.params, grads):
+                    param.grad = grad
+                stats.update(parts)
             for i, (chunk, extra) in enumerate(chunks):
-                logps, rows = self.trained_logps(chunk)
-                extra = {k: torch.tensor(v, dtype=logps.dtype, device=logps.device) for k, v in extra.items()}
-                ref = None
-                if method.needs_reference_tokens(self.cfg):
-                    with torch.no_grad(), self.model.disable_adapter():
-                        ref = self.trained_logps(chunk)[0].detach()
-                loss, parts = method.loss(ops, logps, 1.0, rows, len(chunk), extra, ref, self.cfg, batch.denominator)
+                loss, parts = loss_of(chunk, extra)
                 if i >= real:
                     (loss * 0.0).backward()
                     continue
@@ -251,6 +263,18 @@ class TorchSession:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out if finite else {**out, "skipped": 1}
+
+    def _lanes(self, batch, micro_batch: int, method):
+        """The planned CPU lanes for this step, or None: one lane's worth of rows, a method whose reference pass
+        switches the adapter off for the whole model (not per thread), or fp16's loss scaling keep it in one."""
+        count = min(getattr(self.plan, "lanes", 1), micro_batch, batch.n_items)
+        if count < 2 or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg):
+            return None
+        if self._lane_pool is None or self._lane_pool.count != count:
+            from backends.torch_lanes import Lanes
+
+            self._lane_pool = Lanes(count, _torch().get_num_threads())
+        return self._lane_pool
 
     # ---------------------------------------------------------------- generation
     def _to_inference(self) -> None:

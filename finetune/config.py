@@ -41,6 +41,9 @@ class Config:
     backend: str = field(default="auto", metadata=_opt("auto, or a registered backend name (see `finetune doctor`)"))
     nproc: str = field(default="auto", metadata=_opt(
         "processes to train with on this machine, started by torchrun (auto: one per visible CUDA GPU, else 1)"))
+    cpu_lanes: str = field(default="auto", metadata=_opt(
+        "CPU: threads that train a step's rows side by side, each on its share of the cores (auto: 2 on a CPU with 2 "
+        "or more cores when a micro-batch has 2 or more rows; 1 = one thread team for all rows)"))
     fsdp: str = field(default="auto", metadata=_opt(
         "shard the frozen base weights over the processes (torch FSDP); auto: only when a whole copy does not fit "
         "one device", choices=("auto", "on", "off")))
@@ -258,6 +261,9 @@ def resolve(cli: Mapping[str, Any], env: Mapping[str, str] | None = None,
         check_repo_id(cfg.push_to_hub, where("push_to_hub"))
     if cfg.nproc != AUTO and not (cfg.nproc.isdigit() and 1 <= int(cfg.nproc) <= MAX_NPROC):
         raise UserError(f"{where('nproc')}={cfg.nproc!r} is not valid: use auto or a whole number from 1 to {MAX_NPROC}")
+    if cfg.cpu_lanes != AUTO and not (cfg.cpu_lanes.isdigit() and 1 <= int(cfg.cpu_lanes) <= MAX_NPROC):
+        raise UserError(f"{where('cpu_lanes')}={cfg.cpu_lanes!r} is not valid: use auto or a whole number from 1 to "
+                        f"{MAX_NPROC}")
     return cfg, sources
 
 

@@ -143,6 +143,7 @@ class Plan:
     optimizer: str = "adamw"      # "paged_adamw_8bit" (bitsandbytes) on CUDA when memory is tight
     world_size: int = 1           # processes training together (NPROC); each takes its share of every step
     fsdp: bool = False            # the frozen base weights sharded over those processes (torch FSDP, FSDP=auto|on|off)
+    lanes: int = 1                # CPU: threads training a step's rows side by side (CPU_LANES; _pick_lanes)
     micro_overhead_tokens: float | None = None  # fixed cost of a micro-batch in tokens of compute (None: never cut
     #                                             a step into more micro-batches than batch size asks; see
     #                                             methods.micro_batches)
@@ -445,6 +446,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         reasons.append(f"{world_size} processes (NPROC): the effective batch stays {batch * grad_accum}; each process "
                        f"trains its share, at most {batch} x {per_process} rows of a step (accumulation {grad_accum} -> "
                        f"{per_process} per process); memory is per process")
+    lanes = _pick_lanes(cfg, hw, backend, device, world_size, batch, quant, reasons)
 
     breakdown = estimate_memory(model, batch * sequences_per_item, seq, ckpt, dtype, quant, cfg.lora_r, device,
                                 trained_share, attention, shards)
@@ -508,7 +510,7 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
     return Plan(backend=backend, device=device, method=cfg.method, batch_size=batch, grad_accum=grad_accum,
                 max_seq_length=cfg.max_seq_length, max_steps=max_steps, eval_steps=eval_steps, save_steps=save_steps,
                 gradient_checkpointing=ckpt, sequences_per_item=sequences_per_item, attention=attention,
-                optimizer=optimizer, world_size=world_size, fsdp=fsdp,
+                optimizer=optimizer, world_size=world_size, fsdp=fsdp, lanes=lanes,
                 dtype=dtype, quantize=quant, memory_kind=kind, memory_total_gb=total, budget_gb=budget,
                 predicted_peak_gb=predicted, breakdown_gb=breakdown, est_seconds=seconds,
                 est_tokens_per_s=tokens_per_s, micro_overhead_tokens=micro_overhead_tokens, reasons=reasons)
@@ -538,6 +540,33 @@ def _pick_fsdp(cfg: Config, backend: str, device: str, world_size: int, peak_at,
     reasons.append(f"FSDP on: a whole copy needs {peak_at(1):.1f} GB per process, over the {budget:.1f} GB budget; "
                    f"sharded over {world_size} processes {peak_at(world_size):.1f} GB")
     return True
+
+
+def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size: int, batch: int, quant: str,
+                reasons: list[str]) -> int:
+    """CPU_LANES: a step's rows in side-by-side threads, each on its share of the cores. One thread team over all
+    cores scales poorly on a small model's micro-batch (the work between matmuls runs on one thread while the others
+    wait): two lanes of one core each ran 1.12-1.17x faster than one team of two at 2-8 rows of ~100 tokens
+    (bench/cpu_processes.py). Rows in flight stay at the batch size: each lane takes batch / lanes of them.
+    Torch on the CPU, one process, 16/32-bit weights, no LoRA dropout (two threads drawing dropout masks from one
+    generator would make a run's numbers depend on thread timing)."""
+    asked = cfg.cpu_lanes
+    why_not = ("not the torch backend on the CPU" if backend != "torch" or device != "cpu" else
+               "several processes (NPROC) already share the cores" if world_size > 1 else
+               "4-bit weights" if quant != "none" else
+               "LoRA dropout draws random masks" if cfg.lora_dropout > 0 else None)
+    if asked != "auto":
+        if int(asked) > 1 and why_not:
+            reasons.append(f"CPU_LANES={asked} ignored: {why_not}")
+            return 1
+        if int(asked) > 1:
+            reasons.append(f"CPU lanes {asked} (set by you): each micro-batch's rows in {asked} threads side by side")
+        return 1 if why_not else int(asked)
+    if why_not or hw.cpu_cores < 2 or batch < 2:
+        return 1
+    reasons.append("CPU lanes 2: each micro-batch's rows in 2 threads side by side, half the cores each (faster than "
+                   "one thread team on a small model; CPU_LANES=1 turns it off)")
+    return 2
 
 
 def save_steps_default(max_steps: int, est_seconds: float) -> int:

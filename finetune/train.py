@@ -37,7 +37,7 @@ from finetune.tracking import Tracker
 # Settings a resumed run may change: they do not alter what is trained.
 RESUMABLE_CHANGES = {"resume", "output_dir", "report_to", "logging_steps", "save_total", "push_to_hub", "yes",
                      "dry_run", "config", "eval_generations", "remote", "flavor", "remote_max_hours", "nproc",
-                     "fsdp"}
+                     "fsdp", "cpu_lanes"}
 # Settings added after a run may have been recorded: the value that reproduces how such a run trained, so
 # resuming it keeps its loss (a DPO run from before RPO stays plain DPO, not the new default of 1.0).
 ADDED_LATER = {"rpo_alpha": 0.0, "group_by_length": True, "lora_scaling": "standard"}

@@ -314,7 +314,7 @@ def test_plan_is_a_dataclass_with_the_agreed_fields():
                      "eval_steps", "save_steps", "gradient_checkpointing", "dtype", "quantize", "memory_kind",
                      "memory_total_gb", "budget_gb", "predicted_peak_gb", "breakdown_gb", "est_seconds",
                      "est_tokens_per_s", "reasons", "sequences_per_item", "attention", "optimizer", "world_size",
-                     "fsdp", "micro_overhead_tokens"]
+                     "fsdp", "lanes", "micro_overhead_tokens"]
 
 
 # ---- MLX: unified memory on Apple silicon, 4-bit QLoRA with MLX's own quantization, fp32 on mlx[cpu]
@@ -547,3 +547,38 @@ def test_fsdp_on_where_it_cannot_shard_is_one_clear_error(cfg, backend, world, s
     gpus = linux(256, gpus=[A100_40] * 2)
     with pytest.raises(UserError, match=says):
         plan.make(Config(**cfg), gpus, MODELS["0.5B"], backend, "cuda", ROWS, MEAN_TOKENS, world_size=world)
+
+
+# ---- CPU lanes: a step's rows in side-by-side threads (backends/torch_lanes.py)
+def test_cpu_lanes_auto_is_two_on_a_multi_core_cpu_and_off_where_they_cannot_help_or_stay_exact():
+    two = make("cpu-8", "0.5B", batch_size=4)
+    assert two.lanes == 2 and any(r.startswith("CPU lanes 2") for r in two.reasons)
+    assert "lanes" in two.to_dict()
+    for machine, cfg in (("cpu-8", dict(batch_size=1)),                 # one row at a time: nothing side by side
+                         ("cpu-8", dict(batch_size=4, lora_dropout=0.1)),  # dropout's masks: order-dependent
+                         ("cpu-8", dict(batch_size=4, quantize="4bit")),
+                         ("rtx4090-24", dict(batch_size=4)), ("m2-16", dict(batch_size=4)),
+                         ("m2-16-mlx", dict(batch_size=4))):
+        assert make(machine, "0.5B", **cfg).lanes == 1, (machine, cfg)
+    one_core = plan.make(Config(batch_size=4), linux(8, cores=1, available=6), MODELS["0.5B"], "torch", "cpu",
+                         ROWS, MEAN_TOKENS)
+    assert one_core.lanes == 1
+    procs = plan.make(Config(batch_size=4), linux(8, cores=4, available=6), MODELS["0.5B"], "torch", "cpu",
+                      ROWS, MEAN_TOKENS, world_size=2)
+    assert procs.lanes == 1
+
+
+def test_cpu_lanes_set_by_you_are_kept_on_the_cpu_and_ignored_with_a_reason_elsewhere():
+    assert make("cpu-8", "0.5B", batch_size=4, cpu_lanes="1").lanes == 1
+    three = make("cpu-8", "0.5B", batch_size=4, cpu_lanes="3")
+    assert three.lanes == 3 and any("CPU lanes 3 (set by you)" in r for r in three.reasons)
+    gpu = make("rtx4090-24", "0.5B", batch_size=4, cpu_lanes="2")
+    assert gpu.lanes == 1 and any(r == "CPU_LANES=2 ignored: not the torch backend on the CPU" for r in gpu.reasons)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "65", "-1"])
+def test_cpu_lanes_must_be_auto_or_a_whole_number(value):
+    from finetune.config import resolve
+
+    with pytest.raises(UserError, match=f"CPU_LANES='{value}' is not valid: use auto or a whole number from 1 to 64"):
+        resolve({}, env={"CPU_LANES": value})
