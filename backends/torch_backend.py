@@ -11,7 +11,9 @@ What makes it fast, each measured on SmolLM2-135M on a 2-core CPU (profiles in R
   * rows arrive already tokenized with their loss mask (finetune.template); a step's micro-batches take its rows
     longest first (less padding; the step's sum is the same). Steps are random draws: grouping rows by length
     across steps (GROUP_BY_LENGTH) was faster but cost held-out loss on mixed data (bench/quality.py);
-  * AdamW on the LoRA parameters only, fused kernels.
+  * AdamW on the LoRA parameters only, fused kernels;
+  * on a multi-core CPU, a step's rows in two lanes (threads of half the cores each) instead of one thread team:
+    a small model's micro-batch leaves a team's other threads waiting between its big matmuls (torch_lanes.py).
 Each method's loss is in its module (finetune/methods/), written over backends/torch_ops.py; the loop, checkpoints
 and signals are in finetune/loop.py.
 """
@@ -265,10 +267,14 @@ class TorchSession:
         return out if finite else {**out, "skipped": 1}
 
     def _lanes(self, batch, micro_batch: int, method):
-        """The planned CPU lanes for this step, or None: one lane's worth of rows, a method whose reference pass
-        switches the adapter off for the whole model (not per thread), or fp16's loss scaling keep it in one."""
+        """The planned CPU lanes for this step, or None: one lane's worth of rows, micro-batches big enough to keep
+        a thread team busy, a method whose reference pass switches the adapter off for the whole model (not per
+        thread), or fp16's loss scaling keep it in one."""
+        from backends.torch_lanes import pays
+
         count = min(getattr(self.plan, "lanes", 1), micro_batch, batch.n_items)
-        if count < 2 or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg):
+        if count < 2 or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg) \
+                or (self.cfg.cpu_lanes == "auto" and not pays(batch, micro_batch)):
             return None
         if self._lane_pool is None or self._lane_pool.count != count:
             from backends.torch_lanes import Lanes

@@ -546,8 +546,9 @@ def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size
                 reasons: list[str]) -> int:
     """CPU_LANES: a step's rows in side-by-side threads, each on its share of the cores. One thread team over all
     cores scales poorly on a small model's micro-batch (the work between matmuls runs on one thread while the others
-    wait): two lanes of one core each ran 1.12-1.17x faster than one team of two at 2-8 rows of ~100 tokens
-    (bench/cpu_processes.py). Rows in flight stay at the batch size: each lane takes batch / lanes of them.
+    wait): two lanes of one core each ran 1.16-1.18x faster than one team of two on micro-batches of 196-784
+    tokens, 1.03x at 1,568 (so the backend uses them up to 1,024: backends/torch_lanes.py; bench/cpu_processes.py).
+    Rows in flight stay at the batch size: each lane takes batch / lanes of them.
     Torch on the CPU, one process, 16/32-bit weights, no LoRA dropout (two threads drawing dropout masks from one
     generator would make a run's numbers depend on thread timing)."""
     asked = cfg.cpu_lanes
@@ -564,8 +565,8 @@ def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size
         return 1 if why_not else int(asked)
     if why_not or hw.cpu_cores < 2 or batch < 2:
         return 1
-    reasons.append("CPU lanes 2: each micro-batch's rows in 2 threads side by side, half the cores each (faster than "
-                   "one thread team on a small model; CPU_LANES=1 turns it off)")
+    reasons.append("CPU lanes 2: a micro-batch's rows in 2 threads side by side, half the cores each, when it has "
+                   "up to 1,024 tokens (there one thread team leaves cores waiting; CPU_LANES=1 turns it off)")
     return 2
 
 

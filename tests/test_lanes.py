@@ -95,5 +95,11 @@ def test_lanes_are_not_used_where_they_cannot_be_exact(tiny_model, tokenizer):
     assert s._lanes(sft_batch(tokenizer), 1, sft) is None
     assert s._lanes(sft_batch(tokenizer, n=1), 4, sft) is None
     assert session(tiny_model, tokenizer, lanes=1)._lanes(sft_batch(tokenizer), 4, sft) is None
+    big = sft_batch(tokenizer)
+    big.sequences = [SimpleNamespace(length=400) for _ in big.sequences]  # 1,600 tokens a pass: one team is busy
+    assert s._lanes(big, 4, sft) is None and s._lanes(big, 2, sft) is not None  # 800 a pass: lanes
+    s.cfg.cpu_lanes = "2"  # set by you: used whatever the size
+    assert s._lanes(big, 4, sft) is not None
+    s.cfg.cpu_lanes = "auto"
     kl = SimpleNamespace(needs_reference_tokens=lambda cfg: True)  # GRPO's KL: the adapter off for the whole model
     assert s._lanes(sft_batch(tokenizer), 4, kl) is None
