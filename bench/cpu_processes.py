@@ -74,13 +74,14 @@ def train(data: str, rows: int, layout: str, out: str) -> dict:
 def table(results: list[dict]) -> str:
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in results:
-        cells.setdefault((r["data"], r["rows"]), {}).setdefault(layout_of(r), []).append(r)
+        key = (r["data"], r["rows"], r.get("date", ""), r.get("session", ""))  # a speed-up only within one session
+        cells.setdefault(key, {}).setdefault(layout_of(r), []).append(r)
     shown = [name for name in LAYOUTS if any(name in by for by in cells.values())]
     others = [name for name in shown if name != "one"]
     lines = ["| data | rows per step | tokens per row | " + " | ".join(f"{n}: train s (wall)" for n in shown)
              + "".join(f" | {n}: speed-up" for n in others) + " | eval loss " + " / ".join(shown) + " |",
              "|---|---:|---:|" + "---:|" * (len(shown) + len(others)) + "---|"]
-    for (data, rows), by in sorted(cells.items()):
+    for (data, rows, _, _), by in sorted(cells.items()):
         if "one" not in by or not any(n in by for n in others):
             continue
         mean = {n: {k: sum(r[k] for r in by[n]) / len(by[n]) for k in ("train_s", "wall_s", "eval_after")}
@@ -105,7 +106,7 @@ def main() -> None:
     if a.print:
         with open(a.results, encoding="utf-8") as fh:
             return print(table([json.loads(line) for line in fh if line.strip()]))
-    stamp = time.strftime("%Y-%m-%d")
+    stamp, session = time.strftime("%Y-%m-%d"), time.strftime("%H:%M")
     results = []
     for data in a.data.split(","):
         folder = data_dir(data)  # written once, not before every run
@@ -114,7 +115,7 @@ def main() -> None:
                 layouts = a.layouts.split(",")
                 for layout in (layouts if rep % 2 == 0 else layouts[::-1]):  # interleaved: drift hits every side
                     with tempfile.TemporaryDirectory() as tmp:
-                        rec = {"data": data, "date": stamp, "cpus": os.cpu_count(),
+                        rec = {"data": data, "date": stamp, "session": session, "cpus": os.cpu_count(),
                                **train(folder, rows, layout, os.path.join(tmp, "run"))}
                     print(json.dumps(rec), flush=True)
                     results.append(rec)
