@@ -110,6 +110,9 @@ class TorchSession:
             shard(self.model)
         self.modes, self.generating = modes, False
         self._lane_pool = None  # CPU lanes' threads, made at the first step that uses them (backends/torch_lanes.py)
+        # PEFT's LoRA on MoE experts (ParamWrapper) registers a torch parametrization for the length of each forward
+        # and removes it after: two lanes would add and remove it under each other. Such models use one thread team.
+        self._lanes_ok = not any(type(m).__name__ == "ParamWrapper" for m in self.model.modules())
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
         self.fast = model.model_type in FAST_PATH_TYPES
@@ -268,12 +271,12 @@ class TorchSession:
 
     def _lanes(self, batch, micro_batch: int, method):
         """The planned CPU lanes for this step, or None: one lane's worth of rows, micro-batches big enough to keep
-        a thread team busy, a method whose reference pass switches the adapter off for the whole model (not per
-        thread), or fp16's loss scaling keep it in one."""
+        a thread team busy, LoRA on MoE experts (above), a method whose reference pass switches the adapter off for
+        the whole model (not per thread), or fp16's loss scaling keep it in one."""
         from backends.torch_lanes import pays
 
         count = min(getattr(self.plan, "lanes", 1), micro_batch, batch.n_items)
-        if count < 2 or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg) \
+        if count < 2 or not self._lanes_ok or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg) \
                 or (self.cfg.cpu_lanes == "auto" and not pays(batch, micro_batch)):
             return None
         if self._lane_pool is None or self._lane_pool.count != count:
