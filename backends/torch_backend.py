@@ -276,8 +276,8 @@ class TorchSession:
         from backends.torch_lanes import pays
 
         count = min(getattr(self.plan, "lanes", 1), micro_batch, batch.n_items)
-        if count < 2 or not self._lanes_ok or self.world.size > 1 or self.scaler or method.needs_reference_tokens(self.cfg) \
-                or (self.cfg.cpu_lanes == "auto" and not pays(batch, micro_batch)):
+        if count < 2 or not self._lanes_ok or self.world.size > 1 or self.scaler \
+                or method.needs_reference_tokens(self.cfg) or (self.cfg.cpu_lanes == "auto" and not pays(batch, micro_batch)):
             return None
         if self._lane_pool is None or self._lane_pool.count != count:
             from backends.torch_lanes import Lanes

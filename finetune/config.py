@@ -43,7 +43,7 @@ class Config:
         "processes to train with on this machine, started by torchrun (auto: one per visible CUDA GPU, else 1)"))
     cpu_lanes: str = field(default="auto", metadata=_opt(
         "CPU: threads that train a step's rows side by side, each on its share of the cores (auto: 2 on a CPU with 2 "
-        "or more cores when a micro-batch has 2 or more rows; 1 = one thread team for all rows)"))
+        "or more cores for micro-batches of 2 or more rows and up to 1,024 tokens; 1 = one thread team for all rows)"))
     fsdp: str = field(default="auto", metadata=_opt(
         "shard the frozen base weights over the processes (torch FSDP); auto: only when a whole copy does not fit "
         "one device", choices=("auto", "on", "off")))
