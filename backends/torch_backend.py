@@ -273,15 +273,13 @@ class TorchSession:
         """The planned CPU lanes for this step, or None: one lane's worth of rows, micro-batches big enough to keep
         a thread team busy, LoRA on MoE experts (above), a method whose reference pass switches the adapter off for
         the whole model (not per thread), or fp16's loss scaling keep it in one."""
-        from backends.torch_lanes import pays
+        from backends.torch_lanes import Lanes, pays
 
         count = min(getattr(self.plan, "lanes", 1), micro_batch, batch.n_items)
         if count < 2 or not self._lanes_ok or self.world.size > 1 or self.scaler \
                 or method.needs_reference_tokens(self.cfg) or (self.cfg.cpu_lanes == "auto" and not pays(batch, micro_batch)):
             return None
         if self._lane_pool is None or self._lane_pool.count != count:
-            from backends.torch_lanes import Lanes
-
             self._lane_pool = Lanes(count, _torch().get_num_threads())
         return self._lane_pool
 

@@ -83,6 +83,3 @@ class Lanes:
             for k, v in lane_parts.items():
                 parts[k] = parts.get(k, 0.0) + v
         return grads, total, parts, tokens
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)

@@ -259,11 +259,10 @@ def resolve(cli: Mapping[str, Any], env: Mapping[str, str] | None = None,
                         "no '..'); OUTPUT_DIR chooses where a run goes")
     if cfg.push_to_hub is not None:
         check_repo_id(cfg.push_to_hub, where("push_to_hub"))
-    if cfg.nproc != AUTO and not (cfg.nproc.isdigit() and 1 <= int(cfg.nproc) <= MAX_NPROC):
-        raise UserError(f"{where('nproc')}={cfg.nproc!r} is not valid: use auto or a whole number from 1 to {MAX_NPROC}")
-    if cfg.cpu_lanes != AUTO and not (cfg.cpu_lanes.isdigit() and 1 <= int(cfg.cpu_lanes) <= MAX_NPROC):
-        raise UserError(f"{where('cpu_lanes')}={cfg.cpu_lanes!r} is not valid: use auto or a whole number from 1 to "
-                        f"{MAX_NPROC}")
+    for name in ("nproc", "cpu_lanes"):  # processes, threads: auto or a count
+        value = getattr(cfg, name)
+        if value != AUTO and not (value.isdigit() and 1 <= int(value) <= MAX_NPROC):
+            raise UserError(f"{where(name)}={value!r} is not valid: use auto or a whole number from 1 to {MAX_NPROC}")
     return cfg, sources
 
 

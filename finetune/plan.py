@@ -562,7 +562,7 @@ def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size
             return 1
         if int(asked) > 1:
             reasons.append(f"CPU lanes {asked} (set by you): each micro-batch's rows in {asked} threads side by side")
-        return 1 if why_not else int(asked)
+        return int(asked)
     if why_not or hw.cpu_cores < 2 or batch < 2:
         return 1
     reasons.append("CPU lanes 2: a micro-batch's rows in 2 threads side by side, half the cores each, when it has "
