@@ -19,12 +19,13 @@ from __future__ import annotations
 import concurrent.futures as futures
 
 from finetune.methods import micro_batches, shard
+from finetune.plan import LANES_MAX_TOKENS
 
 
-# Above this many tokens in a micro-batch one team's matmuls are big enough to keep every core busy: SmolLM2 on 2
-# cores, paired steps in one process: 1.16-1.18x at 196-784 tokens (multiturn 2-8 rows, mixed 16 rows cut by
-# length), 1.03x at 1,568 (multiturn 16 rows)
-MAX_TOKENS = 1024
+# Above this many tokens in a micro-batch one team's matmuls keep every core busy (the planner's constant, which its
+# time estimate uses too): SmolLM2 on 2 cores, paired steps in one process: 1.16-1.18x at 196-784 tokens
+# (multiturn 2-8 rows, mixed 16 rows cut by length), 1.03x at 1,568 (multiturn 16 rows)
+MAX_TOKENS = LANES_MAX_TOKENS
 
 
 def pays(batch, micro_batch: int) -> bool:

@@ -111,6 +111,12 @@ ALLGATHER = {"cpu": (2e-4, 0.7e9), "cuda": (5e-5, 50e9)}
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.55, ("fp32", "sdpa"): 0.55}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
 DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
+# CPU lanes (backends/torch_lanes.py) pay up to this many tokens per micro-batch; above it one thread team's matmuls
+# keep every core busy (SmolLM2, 2 cores, paired steps: 1.16-1.18x at 196-784 tokens, 1.03x at 1,568).
+LANES_MAX_TOKENS = 1024
+# A run in lanes takes this much less time (whole runs, bench/cpu_processes.py and bench/quality.py's multiturn cell,
+# 2026-12-02: 1.08-1.33x; paired steps 1.16-1.18x).
+LANES_SPEEDUP = 1.15
 # torch on the CPU: eager attention is faster than the CPU flash kernel for short rows (bench: +17% at ~90 tokens),
 # but keeps the heads x seq x seq scores for backward, so only below this length.
 EAGER_MAX_TOKENS = 256
@@ -500,6 +506,11 @@ def make(cfg: Config, hw: Hardware, model: ModelInfo, backend: str, device: str,
         if fsdp:  # every generated token's forward gathers the layers again
             per_position += allgather_seconds(model, dtype, world_size, device) / 2
         seconds += max_steps * sampled_per_item * per_position
+    micro_tokens = batch * sequences_per_item * row_tokens
+    if lanes > 1 and micro_tokens <= LANES_MAX_TOKENS:  # the backend decides per step; this is the typical one
+        seconds /= LANES_SPEEDUP
+        reasons.append(f"time: / {LANES_SPEEDUP} for CPU lanes (micro-batches of ~{micro_tokens:,.0f} tokens, up to "
+                       f"{LANES_MAX_TOKENS:,})")
     tokens_per_s = tokens / seconds
     # torch only: MLX compiles its step per shape, so more, differently shaped micro-batches would cost compiles
     micro_overhead_tokens = micro_overhead_s * tokens / compute_s if backend != "mlx" and compute_s > 0 else None
@@ -547,7 +558,8 @@ def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size
     """CPU_LANES: a step's rows in side-by-side threads, each on its share of the cores. One thread team over all
     cores scales poorly on a small model's micro-batch (the work between matmuls runs on one thread while the others
     wait): two lanes of one core each ran 1.16-1.18x faster than one team of two on micro-batches of 196-784
-    tokens, 1.03x at 1,568 (so the backend uses them up to 1,024: backends/torch_lanes.py; bench/cpu_processes.py).
+    tokens, 1.03x at 1,568 (so the backend uses them up to LANES_MAX_TOKENS; backends/torch_lanes.py,
+    bench/cpu_processes.py).
     Rows in flight stay at the batch size: each lane takes batch / lanes of them.
     Torch on the CPU, one process, 16/32-bit weights, no LoRA dropout (two threads drawing dropout masks from one
     generator would make a run's numbers depend on thread timing)."""
@@ -566,7 +578,8 @@ def _pick_lanes(cfg: Config, hw: Hardware, backend: str, device: str, world_size
     if why_not or hw.cpu_cores < 2 or batch < 2:
         return 1
     reasons.append("CPU lanes 2: a micro-batch's rows in 2 threads side by side, half the cores each, when it has "
-                   "up to 1,024 tokens (there one thread team leaves cores waiting; CPU_LANES=1 turns it off)")
+                   f"up to {LANES_MAX_TOKENS:,} tokens (there one thread team leaves cores waiting; CPU_LANES=1 turns "
+                   "it off)")
     return 2
 
 

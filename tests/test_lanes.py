@@ -103,3 +103,23 @@ def test_lanes_are_not_used_where_they_cannot_be_exact(tiny_model, tokenizer):
     s.cfg.cpu_lanes = "auto"
     kl = SimpleNamespace(needs_reference_tokens=lambda cfg: True)  # GRPO's KL: the adapter off for the whole model
     assert s._lanes(sft_batch(tokenizer), 4, kl) is None
+
+
+def test_lora_on_moe_experts_trains_in_one_thread_team(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """PEFT's LoRA on MoE experts (ParamWrapper) adds and removes a parametrization around each forward: two lanes
+    would do it under each other (qwen3_moe / mixtral failed that way), so such a model never enters lanes."""
+    from backends import torch_lanes
+    from backends.torch_backend import TorchSession
+    from finetune.config import Config
+    from finetune.methods import sft
+    from finetune.models import _read_config, info_from_config
+    from tests.arch_models import build
+    from tests.test_torch_backend import plan
+
+    folder = build("mixtral", tiny_model, str(tmp_path / "mixtral"))
+    info = info_from_config(folder, folder, _read_config(folder), source="local")
+    s = TorchSession(Config(lora_r=4), plan(max_seq_length=128, lanes=2), info, tokenizer)
+    assert any(type(m).__name__ == "ParamWrapper" for m in s.model.modules())  # the experts do carry LoRA
+    assert s._lanes(sft_batch(tokenizer), 4, sft) is None
+    monkeypatch.setattr(torch_lanes.Lanes, "run", lambda *a, **k: pytest.fail("an MoE-expert step entered lanes"))
+    assert s.train_step(sft_batch(tokenizer), 4, 1e-2)["tokens"] > 0

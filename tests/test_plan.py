@@ -582,3 +582,18 @@ def test_cpu_lanes_must_be_auto_or_a_whole_number(value):
 
     with pytest.raises(UserError, match=f"CPU_LANES='{value}' is not valid: use auto or a whole number from 1 to 64"):
         resolve({}, env={"CPU_LANES": value})
+
+
+def test_the_time_estimate_counts_cpu_lanes_only_where_the_backend_uses_them():
+    """Lanes shorten a run whose micro-batches have up to LANES_MAX_TOKENS tokens; above that the backend keeps one
+    thread team (torch_lanes.pays), so the estimate stays that of one team."""
+    def est(batch, mean_tokens, lanes):
+        return plan.make(Config(batch_size=batch, cpu_lanes=lanes), MACHINES["cpu-8"][0], MODELS["0.5B"], "torch",
+                         "cpu", ROWS, mean_tokens)
+
+    small, small_one = est(2, 100, "auto"), est(2, 100, "1")
+    assert small.lanes == 2 and small_one.lanes == 1
+    assert small.est_seconds == pytest.approx(small_one.est_seconds / plan.LANES_SPEEDUP)
+    assert any(r.startswith("time: / ") and "CPU lanes" in r for r in small.reasons)
+    big, big_one = est(8, 400, "auto"), est(8, 400, "1")  # 3,200 tokens a micro-batch
+    assert big.lanes == 2 and big.est_seconds == pytest.approx(big_one.est_seconds)
