@@ -33,6 +33,7 @@ from finetune import fsio
 from finetune.hardware import GB, keep_freed_memory
 from finetune.world import World, torchrun_env
 from backends.torch_build import build_peft_model, compute_dtype, make_optimizer, repage_optimizer_state
+from backends.torch_lora import Switch, fuse_lora_layers
 from finetune.methods import micro_batches
 from finetune.template import IGNORE, pad_batch
 
@@ -113,6 +114,8 @@ class TorchSession:
         # PEFT's LoRA on MoE experts (ParamWrapper) registers a torch parametrization for the length of each forward
         # and removes it after: two lanes would add and remove it under each other. Such models use one thread team.
         self._lanes_ok = not any(type(m).__name__ == "ParamWrapper" for m in self.model.modules())
+        # CPU: each plain LoRA layer one autograd node (backends/torch_lora.py); PEFT's own in lanes and elsewhere
+        self._one_node = fuse_lora_layers(self.model) if plan.device == "cpu" and not self.sharded else Switch()
         self.model.peft_config["default"].base_model_name_or_path = model.ref
         self.base = self.model.get_base_model()
         self.fast = model.model_type in FAST_PATH_TYPES
@@ -222,8 +225,9 @@ class TorchSession:
             chunks += chunks[-1:] * (self.world.most(real) - real)  # (a repeat of the shortest, its loss x 0)
         try:
             if lanes:  # (CPU, one process: backends/torch_lanes.py)
-                grads, total, parts, stats["tokens"] = lanes.run(batch, micro_batch, self.plan.micro_overhead_tokens,
-                                                                 loss_of, self.params)
+                with self._one_node.off():
+                    grads, total, parts, stats["tokens"] = lanes.run(
+                        batch, micro_batch, self.plan.micro_overhead_tokens, loss_of, self.params)
                 for param, grad in zip(self.params, grads):
                     param.grad = grad
                 stats.update(parts)
