@@ -6,8 +6,9 @@ of small ops (LoRA's rank-16 matmuls, norms, rotary, the autograd engine's bookk
 others wait. Two lanes of one core each ran SmolLM2-135M's steps 1.16-1.18x faster than one team of two threads on
 micro-batches of 196-784 tokens, 1.03x at 1,568, where the team's matmuls are big enough (2 cores; paired steps in
 one process; whole runs: bench/cpu_processes.py). So under CPU_LANES=auto a step uses them when its micro-batches
-have up to MAX_TOKENS. PyTorch's ops release the GIL, so Python threads are enough: no second process, no second
-copy of the model, no start-up cost (which is what kept NPROC=2 from paying on a CPU).
+have up to LANES_MAX_TOKENS (finetune/plan.py, whose time estimate uses it too). PyTorch's ops release the GIL, so
+Python threads are enough: no second process, no second copy of the model, no start-up cost (which is what kept
+NPROC=2 from paying on a CPU).
 
 The step is the same step: each lane takes a share of the items (dealt longest first, as processes are) in
 micro-batches of batch / lanes rows, so no more rows are in flight than the plan allows; each lane's gradients come
@@ -22,16 +23,10 @@ from finetune.methods import micro_batches, shard
 from finetune.plan import LANES_MAX_TOKENS
 
 
-# Above this many tokens in a micro-batch one team's matmuls keep every core busy (the planner's constant, which its
-# time estimate uses too): SmolLM2 on 2 cores, paired steps in one process: 1.16-1.18x at 196-784 tokens
-# (multiturn 2-8 rows, mixed 16 rows cut by length), 1.03x at 1,568 (multiturn 16 rows)
-MAX_TOKENS = LANES_MAX_TOKENS
-
-
 def pays(batch, micro_batch: int) -> bool:
     """Whether the step's micro-batches are small enough for lanes to be faster than one team."""
     passes = -(-batch.n_items // micro_batch)
-    return sum(r.length for r in batch.sequences) / passes <= MAX_TOKENS
+    return sum(r.length for r in batch.sequences) / passes <= LANES_MAX_TOKENS
 
 
 def _torch():

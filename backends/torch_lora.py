@@ -1,4 +1,4 @@
-"""A LoRA linear layer as one autograd node: the torch backend's CPU step (backends/torch_build.py).
+"""A LoRA linear layer as one autograd node: the torch backend's CPU step (TorchSession, backends/torch_backend.py).
 
 Why: PEFT computes a LoRA layer as five ops (the frozen linear, A, B, the scale, the add), each a node that autograd
 records, walks and frees, and whose backward is as many again. On a CPU, one row per step, that bookkeeping is a

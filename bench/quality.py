@@ -355,7 +355,7 @@ def main() -> None:
                 if name not in untrained:
                     untrained[name] = baseline(name)
                 rec = {"workload": name, "lr": lr, "variant": v, "seed": seed, "untrained": untrained[name],
-                       "wall": time.time() - t, "ended": time.strftime("%Y-%m-%d %H:%M")}  # pairs runs in one session
+                       "wall": time.time() - t, "ended": time.strftime("%Y-%m-%d %H:%M")}  # to pair runs of one session
                 rec.update(json.loads(line[0][7:]) if line else {"error": (run.stdout + run.stderr)[-1500:]})
                 done.append(rec)
                 with open(a.results, "a") as fh:
