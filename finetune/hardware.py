@@ -296,10 +296,12 @@ def measure_cpu_busy(seconds: float = 0.3) -> float:
     return round(psutil.cpu_percent(interval=seconds) / 100 * cores, 1)
 
 
-def measure_cpu_peak(bf16: bool, seconds: float = 0.5) -> dict[str, float]:
+def measure_cpu_peak(bf16: bool, seconds: float = 2.0) -> dict[str, float]:
     """The CPU's dense matmul rate (GFLOP/s): the best of 1024^3 trials over ~`seconds` per dtype, with all
     threads. The planner's time estimate uses it, because CPUs differ between machines; the best trial, not
-    the mean, because a shared machine's neighbours come and go (the planner also floors it by a table)."""
+    the mean, because a shared machine's neighbours come and go (the planner also floors it by a table).
+    2 s, not 0.5: on the 2-core VM a neighbour held the probe down for over a second at a time (0.5 s windows
+    read 82-146 GFLOP/s in one minute, 2 s windows 121-141; 2026-12-02)."""
     import time
 
     import torch
