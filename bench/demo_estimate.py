@@ -6,8 +6,11 @@ core busy with matmuls for the whole run. The planner measures the CPU's matmul 
 estimate should follow the machine's state; run.json has the prediction and the measured training time.
 
 Run:  python bench/demo_estimate.py [--max-steps N] [--only quiet|busy]
-      (the whole demo, both runs: ~50 min on a 2-core AVX2 CPU in fp32, ~14 min quiet and ~35 busy;
+      (the whole demo, both runs: ~45 min on a 2-core AVX2 CPU in fp32, ~11 min quiet and ~33 busy;
       --max-steps 20: the demo's data and settings, its first 20 steps)
+      python bench/demo_estimate.py --replay PEAK:BUSY:STEPS:MEASURED [...]
+      (seconds: what the planner's constants now predict for runs already measured, from their probe readings,
+      e.g. 141.6:0:0:535 = the whole demo (STEPS 0), probe 141.6 GFLOP/s, no busy cores, 535 s; for refitting)
 """
 from __future__ import annotations
 
@@ -42,11 +45,42 @@ def demo(out: str, max_steps: int | None) -> dict:
             "model": run["model"]["name"], "steps": run["result"]["steps"]}
 
 
+def replay(runs: list[str]) -> None:
+    """The estimate is a function of the run's probe readings: pin them and ask `finetune train --dry-run`."""
+    import contextlib
+    import io
+    import re
+
+    sys.path.insert(0, ROOT)
+    from finetune import cli, hardware
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    print("| probe GFLOP/s | busy cores | steps | predicted s | measured s | error |\n|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        peak, busy, steps, measured = (float(v) for v in run.split(":"))
+        hardware.measure_cpu_peak = lambda bf16, seconds=0.0, p=peak: {"fp32": p}
+        hardware.measure_cpu_busy = lambda b=busy: b
+        os.environ.pop("MAX_STEPS", None)
+        if steps:
+            os.environ["MAX_STEPS"] = str(int(steps))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            cli.main(["train", "--dry-run"])
+        h, m, s = (int(v) for v in re.search(r"time estimate\s+(\d+):(\d+):(\d+)", out.getvalue()).groups())
+        predicted = 3600 * h + 60 * m + s
+        print(f"| {peak:g} | {busy:g} | {int(steps) or 'all'} | {predicted} | {measured:g} | "
+              f"{(predicted - measured) / measured:+.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--replay", nargs="+", metavar="PEAK:BUSY:STEPS:MEASURED",
+                        help="no training: the estimate the planner now gives for runs already measured")
     parser.add_argument("--max-steps", type=int, default=None, help="stop the demo after this many steps")
     parser.add_argument("--only", choices=("quiet", "busy"), help="run only this one of the two")
     args = parser.parse_args()
+    if args.replay:
+        return replay(args.replay)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.only != "busy":

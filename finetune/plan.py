@@ -108,11 +108,11 @@ ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "
 # FSDP's weight gathers (all_gather, bytes received): gloo on the same VM (bench/distributed.py, 2026-12-01), one
 # SmolLM2 layer (14.2 MB) from two halves in 9.7-10.5 ms = 0.68-0.73 GB/s; NCCL as above, unmeasured.
 ALLGATHER = {"cpu": (2e-4, 0.7e9), "cuda": (5e-5, 50e9)}
-# fp32 refitted 2026-12-02 with the 2 s probe (bench/demo_estimate.py, 20 demo steps): at 0.55 the quiet run took
-# 188 s for 256 s predicted (+36 %; probe 123 GFLOP/s), the busy one 496 s for 518 (+4 %; probe 60: a neighbour on
-# one of two cores slows the step 2.6x and the probe 2x). 0.69 puts it between the two (about +9 % and -17 %).
+# fp32 refitted 2026-12-02 with the 2 s probe on the demo (bench/demo_estimate.py, README "The demo's estimate"):
+# a neighbour on one of two cores slows the step 2.6x but the probe 2x, so no constant fits quiet and busy alike.
+# 0.58 puts the six whole-demo / 20-step runs of 12-01 and 12-02 at -28 % to +21 % (a seventh, new, at +27 %).
 # bf16 is still the 0.5 s probe's fit (a 2 s probe reads higher, so its estimates may now run up to ~15 % short).
-EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.69, ("fp32", "sdpa"): 0.69}
+EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.58, ("fp32", "sdpa"): 0.58}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
 DECODE_STEP_S = {"cpu": 0.03, "cuda": 0.01, "mps": 0.02, "mlx": 0.03}  # per generated token (GRPO sampling)
 # CPU lanes (backends/torch_lanes.py) pay up to this many tokens per micro-batch; above it one thread team's matmuls
