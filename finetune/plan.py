@@ -92,8 +92,8 @@ WARMUP_STEPS = {"cpu": 1.5}
 # at batch 1 it made steps 1.65x slower, not the 1.25x of recomputing the forward (bench/planner.py).
 CKPT_STEP_OVERHEAD_S = {"cpu": 0.3}
 # Achieved share of the matmul peak, per token of (4N + attention) FLOPs. CPU: measured against the peak the run
-# itself measures (hardware.measure_cpu_peak, best trial). fp32 0.55 (bench/planner.py; on a quiet AVX2 EPYC,
-# 2026-11-30, bench/quality.py's runs came within 1-15 %; the whole demo there, 2026-12-01: -17 %). bf16 was fitted
+# itself measures (hardware.measure_cpu_peak, best trial). fp32: 0.55 with the 0.5 s probe until 2026-12-02
+# (bench/planner.py, 2026-11-30), now 0.58 (with the 2 s probe; the fit is at EFFICIENCY_CPU below). bf16 was fitted
 # under load at 0.47 eager / 0.37 flash: on a quiet machine the default run then took 200 s for 279 s predicted, under
 # load 279 s; x1.19 puts the estimate between the two (+17 % quiet, -16 % busy). GPU: 0.35; on the H200 the one run
 # with real compute in it (1.1B shape, 16 x 404-token rows) spent ~1.5 s beyond the launch overhead on 4.7e14 FLOPs:
