@@ -46,15 +46,17 @@ def demo(out: str, max_steps: int | None) -> dict:
 
 
 def replay(runs: list[str]) -> None:
-    """The estimate is a function of the run's probe readings: pin them and ask `finetune train --dry-run`."""
+    """The estimate is a function of the run's probe readings: pin them, run `finetune train --dry-run`, and keep
+    the plan it makes (its est_seconds is what run.json records as predicted_seconds)."""
     import contextlib
     import io
-    import re
 
     sys.path.insert(0, ROOT)
-    from finetune import cli, hardware
+    from finetune import cli, hardware, plan
 
     os.environ["HF_HUB_OFFLINE"] = "1"
+    made, make = [], plan.make
+    plan.make = lambda *a, **k: made.append(make(*a, **k)) or made[-1]
     print("| probe GFLOP/s | busy cores | steps | predicted s | measured s | error |\n|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         peak, busy, steps, measured = (float(v) for v in run.split(":"))
@@ -63,12 +65,10 @@ def replay(runs: list[str]) -> None:
         os.environ.pop("MAX_STEPS", None)
         if steps:
             os.environ["MAX_STEPS"] = str(int(steps))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
             cli.main(["train", "--dry-run"])
-        h, m, s = (int(v) for v in re.search(r"time estimate\s+(\d+):(\d+):(\d+)", out.getvalue()).groups())
-        predicted = 3600 * h + 60 * m + s
-        print(f"| {peak:g} | {busy:g} | {int(steps) or 'all'} | {predicted} | {measured:g} | "
+        predicted = made[-1].est_seconds
+        print(f"| {peak:g} | {busy:g} | {int(steps) or 'all'} | {predicted:.0f} | {measured:g} | "
               f"{(predicted - measured) / measured:+.0%} |")
 
 

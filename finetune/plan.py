@@ -110,7 +110,7 @@ ALLREDUCE = {"cpu": (2e-4, 1.0e9), "cuda": (5e-5, 50e9), "mps": (2e-4, 1.0e9), "
 ALLGATHER = {"cpu": (2e-4, 0.7e9), "cuda": (5e-5, 50e9)}
 # fp32 refitted 2026-12-02 with the 2 s probe on the demo (bench/demo_estimate.py, README "The demo's estimate"):
 # a neighbour on one of two cores slows the step 2.6x but the probe 2x, so no constant fits quiet and busy alike.
-# 0.58 puts the six whole-demo / 20-step runs of 12-01 and 12-02 at -28 % to +21 % (a seventh, new, at +27 %).
+# 0.58 puts the six whole-demo / 20-step runs of 12-01 and 12-02 at -28 % to +22 % (a seventh, new, at +27 %).
 # bf16 is still the 0.5 s probe's fit (a 2 s probe reads higher, so its estimates may now run up to ~15 % short).
 EFFICIENCY_CPU = {("bf16", "eager"): 0.56, ("bf16", "sdpa"): 0.44, ("fp32", "eager"): 0.58, ("fp32", "sdpa"): 0.58}
 CKPT_TIME_FACTOR = {"cpu": 1.25}  # recomputing the forward: measured 1.19-1.32x on the CPU; 1.5x elsewhere
